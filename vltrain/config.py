@@ -1,0 +1,297 @@
+"""Typed configuration: nested dataclasses, loaded from YAML, overridden with dotted `key=value` pairs.
+
+    cfg = load_config(SFTConfig, "recipes/configs/demo.yaml", ["optim.lr=1e-4", "train.max_steps=10"])
+
+Unknown keys, wrong types and inconsistent values raise `ValueError` naming the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    # A hub id, a local folder, or `tiny:<model_type>` (a freshly initialised tiny model, offline).
+    name_or_path: str = "tiny:qwen2_5_vl"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # "auto" picks flash_attention_2 when flash-attn is installed, else sdpa.
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    # Kernels applied to the loaded instance (see vltrain.kernels); empty = the stock model.
+    kernels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too
+    eval_path: str | None = None
+    image_folder: str | None = None  # relative media paths are resolved against this folder
+    max_seq_length: int = 32768
+    system_prompt: str | None = None  # default system turn; None keeps the chat template's default
+    image_min_pixels: int | None = None
+    image_max_pixels: int | None = None
+    image_resized_width: int | None = None
+    image_resized_height: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_resized_width: int | None = None
+    video_resized_height: int | None = None
+    fps: float | None = None
+    nframes: int | None = None
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if self.fps is not None and self.nframes is not None:
+            raise ValueError("data.fps and data.nframes cannot both be set: choose one way to sample video frames")
+        for name in ("image", "video"):
+            lo, hi = getattr(self, f"{name}_min_pixels"), getattr(self, f"{name}_max_pixels")
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"data.{name}_min_pixels ({lo}) is larger than data.{name}_max_pixels ({hi})")
+            w, h = getattr(self, f"{name}_resized_width"), getattr(self, f"{name}_resized_height")
+            if (w is None) != (h is None):
+                raise ValueError(f"data.{name}_resized_width and data.{name}_resized_height must be set together")
+        if self.max_seq_length < 16:
+            raise ValueError(f"data.max_seq_length must be at least 16, got {self.max_seq_length}")
+        if self.nframes is not None and self.nframes < 2:
+            raise ValueError(f"data.nframes must be at least 2, got {self.nframes}")
+
+
+@dataclass
+class TrainableConfig:
+    freeze_vision_tower: bool = False
+    freeze_merger: bool = False
+    freeze_llm: bool = False
+    unfreeze_topk_llm: int = 0  # with freeze_llm: train the top k decoder layers anyway
+    unfreeze_topk_vision: int = 0  # with freeze_vision_tower: train the top k vision blocks anyway
+
+    def validate(self) -> None:
+        if self.unfreeze_topk_llm and not self.freeze_llm:
+            raise ValueError("trainable.unfreeze_topk_llm needs trainable.freeze_llm=true (the LLM is already trained)")
+        if self.unfreeze_topk_vision and not self.freeze_vision_tower:
+            raise ValueError(
+                "trainable.unfreeze_topk_vision needs trainable.freeze_vision_tower=true (the tower is already trained)"
+            )
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    vision_lora: bool = False  # add adapters to the vision blocks too
+    vision_lora_merger: bool = False  # ... and to the merger
+    namespan_exclude: list[str] = field(default_factory=list)  # module-name substrings to skip
+    num_lora_modules: int = -1  # only the last N target modules (-1: all)
+    moe_experts: bool = False  # adapters on fused expert weights (peft target_parameters)
+    bits: Literal[16, 8, 4] = 16  # 4/8: QLoRA base weights via bitsandbytes
+    merge_on_export: bool = False  # also write a merged full model next to the adapter
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # the language model's learning rate
+    vision_lr: float | None = None  # None: same as lr
+    merger_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    min_lr_ratio: float = 0.0
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+
+    def validate(self) -> None:
+        for name in ("lr", "vision_lr", "merger_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/sft"
+    seed: int = 42
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps; 0: only at the end (when there is eval data)
+    save_every: int = 0  # optimizer steps; 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    run_name: str | None = None
+    resume: str | None = None  # "auto" or a checkpoint folder
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ValueError("set train.max_steps > 0 or train.num_epochs > 0")
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.trainable, self.optim, self.train):
+            section.validate()
+        if not self.data.train_path and not self.model.name_or_path.startswith("tiny:"):
+            raise ValueError("data.train_path is required")
+
+
+# --------------------------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML / CLI value to the annotated type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ValueError(f"{name} must be one of {list(args)}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else (args[0] if args else Any,) * len(value)
+        if origin is tuple and len(item_types) != len(value):
+            raise ValueError(f"{name} must have {len(item_types)} items, got {value!r}")
+        items = [_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return _build(tp, value, name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value) if tp is float else value
+            if tp is int:
+                number = int(value) if isinstance(value, int) or str(value).lstrip("-").isdigit() else None
+                if number is None:
+                    # accept "1e4" / 1e4.0 for integers when it is integral
+                    as_float = float(value)
+                    if not as_float.is_integer():
+                        raise ValueError
+                    number = int(as_float)
+            return number
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ValueError(f"unknown config field {where!r}; known fields here: {sorted(known)}")
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML file (optional) plus `key.sub=value` overrides, then validate it."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for item in overrides or []:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key, raw)
+    cfg = _build(cls, tree)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    Path(path).write_text(yaml.safe_dump(plain(config_to_dict(cfg)), sort_keys=False))

@@ -1,0 +1,97 @@
+"""Everything that differs between Qwen-VL generations, in one table keyed by `config.model_type`.
+
+Loops and setup code ask this table; nothing else in vltrain branches on the family, and nothing
+ever looks at a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_LLM_ATTN_MLP = r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+_LLM_LINEAR_ATTN = r"linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    model_type: str
+    vision_mlp: str  # regex (relative to a vision block) of the block's MLP linears
+    merger_modules: tuple[str, ...] = ("model.visual.merger",)
+    timestamped_video: bool = False  # Qwen3.x writes `<t seconds>` before each temporal group
+    window_attention: bool = False  # Qwen2.5-VL vision windows (the varlen kernel applies)
+    linear_attention: bool = False  # Qwen3.5 gated-delta-net layers
+    moe: bool = False
+    moe_expert_parameters: tuple[str, ...] = ()
+    llm_lora_targets: str = _LLM_ATTN_MLP
+    patch_size: int = 14
+    vision_module: str = "model.visual"
+    vision_blocks: str = "model.visual.blocks"
+    llm_module: str = "model.language_model"
+    llm_layers: str = "model.language_model.layers"
+    lm_head: str = "lm_head"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_factor(self) -> int:
+        """Pixels per merged token edge: patch_size x spatial merge 2 (28 or 32)."""
+        return self.patch_size * 2
+
+    def llm_lora_regex(self) -> str:
+        return rf"^{self.llm_layers}\.\d+\.({self.llm_lora_targets})$"
+
+    def vision_lora_regex(self, include_merger: bool = False) -> str:
+        block = rf"^{self.vision_blocks}\.\d+\.(attn\.qkv|attn\.proj|{self.vision_mlp})$"
+        if not include_merger:
+            return block
+        mergers = "|".join(m.replace(".", r"\.") for m in self.merger_modules)
+        return rf"{block}|^({mergers})(\.\d+)?\..*(linear_fc\d|mlp\.\d+)$"
+
+
+_QWEN3_MLP = r"mlp\.linear_fc(1|2)"
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+FAMILIES: dict[str, FamilySpec] = {
+    "qwen2_vl": FamilySpec("qwen2_vl", vision_mlp=r"mlp\.fc(1|2)"),
+    "qwen2_5_vl": FamilySpec("qwen2_5_vl", vision_mlp=r"mlp\.(gate|up|down)_proj", window_attention=True),
+    "qwen3_vl": FamilySpec(
+        "qwen3_vl", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16,
+        merger_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
+    ),
+    "qwen3_vl_moe": FamilySpec(
+        "qwen3_vl_moe", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, moe=True,
+        merger_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        llm_lora_targets=r"self_attn\.(q|k|v|o)_proj", moe_expert_parameters=_EXPERTS,
+    ),
+    "qwen3_5": FamilySpec(
+        "qwen3_5", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
+        llm_lora_targets=f"{_LLM_ATTN_MLP}|{_LLM_LINEAR_ATTN}",
+    ),
+    "qwen3_5_moe": FamilySpec(
+        "qwen3_5_moe", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
+        moe=True, moe_expert_parameters=_EXPERTS,
+        llm_lora_targets=rf"self_attn\.(q|k|v|o)_proj|{_LLM_LINEAR_ATTN}|mlp\.shared_expert\.(gate|up|down)_proj",
+    ),
+}
+
+
+def family_spec(model_or_type) -> FamilySpec:
+    """The spec for a model, a config, or a `model_type` string; a clear error for anything else."""
+    model_type = model_or_type
+    if not isinstance(model_or_type, str):
+        config = getattr(model_or_type, "config", model_or_type)
+        model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} is not a supported Qwen-VL family; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """`model.get_submodule(path)` that sees through a peft wrapper."""
+    base = model
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        base = model.base_model.model
+    return base.get_submodule(path)
