@@ -139,6 +139,7 @@ class TrainConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     run_name: str | None = None
     resume: str | None = None  # "auto" or a checkpoint folder
+    eval_exact_match: int = 0  # after training: exact-match accuracy of greedy answers on this many eval samples
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:

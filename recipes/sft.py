@@ -1,0 +1,140 @@
+"""Supervised fine-tuning of a Qwen-VL model.
+
+    accelerate launch recipes/sft.py                                   # the demo (recipes/configs/demo.yaml)
+    accelerate launch recipes/sft.py recipes/configs/sft_full.yaml data.train_path=my.json
+    accelerate launch --config_file accelerate_configs/zero2.yaml recipes/sft.py CONFIG [overrides]
+
+Parse the config, build accelerator / model / data, call `loops.sft.train`, and (when
+`train.eval_exact_match` > 0) report exact-match accuracy of greedy answers on held-out samples.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from torch.utils.data import DataLoader
+
+from loops.sft import train
+from vltrain.config import SFTConfig, dump_config, load_config
+from vltrain.data.dataset import PadCollator, SFTDataset
+from vltrain.data.formats import load_conversations
+from vltrain.data.media import MediaOptions
+from vltrain.families import family_spec
+from vltrain.models import enable_gradient_checkpointing, load_model
+from vltrain.tracking import print0, setup_logging
+from vltrain.trainable import configure_trainable
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def setup(argv: list[str]) -> SFTConfig:
+    """argv: an optional YAML path, then `section.field=value` overrides."""
+    path = DEFAULT_CONFIG
+    if argv and not ("=" in argv[0] and not argv[0].endswith((".yaml", ".yml"))):
+        path, argv = Path(argv[0]), argv[1:]
+    return load_config(SFTConfig, path, argv)
+
+
+def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator):
+    data = cfg.data
+    if data.train_path.startswith("synthetic:"):
+        from vltrain.synthetic import write_shapes_dataset
+
+        with accelerator.main_process_first():
+            train_path, eval_path = write_shapes_dataset(Path(cfg.train.output_dir) / "data")
+        data.train_path, data.eval_path = str(train_path), str(eval_path)
+        data.image_folder = str(Path(train_path).parent / "images")
+
+    def dataset(path):
+        return SFTDataset(path, processor, media, max_seq_length=data.max_seq_length,
+                          image_folder=data.image_folder, system_prompt=data.system_prompt)
+
+    def loader(ds, shuffle):
+        return DataLoader(ds, batch_size=cfg.train.micro_batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=data.num_workers, collate_fn=PadCollator(processor.tokenizer.pad_token_id),
+                          persistent_workers=data.num_workers > 0)
+
+    train_ds = dataset(data.train_path)
+    eval_ds = dataset(data.eval_path) if data.eval_path else None
+    return loader(train_ds, True), (loader(eval_ds, False) if eval_ds else None)
+
+
+def main(cfg: SFTConfig) -> dict:
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_dir=cfg.train.output_dir,
+    )
+    setup_logging(accelerator.is_main_process)
+    set_seed(cfg.train.seed)
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, output_dir / "config.yaml")
+    print0("resolved config:\n" + (output_dir / "config.yaml").read_text() if accelerator.is_main_process else "")
+
+    model, processor = load_model(cfg.model)
+    spec = family_spec(model)
+    if cfg.model.kernels:
+        from vltrain.kernels import apply_kernels
+
+        print0("kernels: " + "; ".join(apply_kernels(model, cfg.model.kernels)))
+    counts = configure_trainable(model, cfg.trainable)
+    if cfg.lora.enabled:
+        raise ValueError("lora.enabled: LoRA training is not available in this build yet")
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    total = sum(p.numel() for p in model.parameters())
+    print0(f"model {spec.model_type}: {total:,} parameters, trainable " +
+           ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+    media = MediaOptions.from_config(cfg.data, image_factor=spec.image_factor)
+    train_loader, eval_loader = build_data(cfg, processor, media, accelerator)
+    print0(f"data: {len(train_loader.dataset)} train samples" +
+           (f", {len(eval_loader.dataset)} eval samples" if eval_loader else ""))
+    if accelerator.is_main_process:
+        dump_config(cfg, output_dir / "config.yaml")  # synthetic data paths resolved
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers(cfg.train.run_name or "sft", config=_flat(cfg))
+
+    result = train(cfg, accelerator, model, processor, train_loader, eval_loader)
+    summary = {"final_loss": result.losses[-1], "steps": result.step, "num_skipped": result.num_skipped,
+               "eval_losses": result.eval_losses, "export_dir": str(result.export_dir)}
+
+    if cfg.train.eval_exact_match and cfg.data.eval_path and accelerator.is_main_process:
+        from vltrain.evaluate import exact_match_accuracy
+
+        model = accelerator.unwrap_model(model)
+        conversations = load_conversations(cfg.data.eval_path)[: cfg.train.eval_exact_match]
+        accuracy, _ = exact_match_accuracy(model, processor, conversations, media, image_folder=cfg.data.image_folder,
+                                           system_prompt=cfg.data.system_prompt)
+        summary["exact_match"] = accuracy
+        print0(f"held-out exact-match accuracy: {accuracy:.1%} on {len(conversations)} samples")
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _flat(cfg) -> dict:
+    from vltrain.config import config_to_dict
+
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+if __name__ == "__main__":
+    try:
+        config = setup(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    main(config)

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from vltrain.config import SFTConfig, dump_config, load_config
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(SFTConfig, path, ["data.train_path=x.json"])
+    assert cfg.model.name_or_path
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), "each shipped config opens with a comment"
+    assert "accelerate launch" in path.read_text(), "each shipped config gives the command that runs it"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(SFTConfig, None, ["optim.lr=3e-4", "train.max_steps=7", "optim.betas=[0.9,0.95]",
+                                        "trainable.freeze_llm=true", "data.fps=none", "model.kernels=a,b"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.trainable.freeze_llm is True and cfg.data.fps is None
+    assert cfg.model.kernels == ["a", "b"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["train.micro_batch_size=many"], "train.micro_batch_size"),
+    (["model.dtype=fp8"], "model.dtype"),
+    (["data.fps=2", "data.nframes=8"], "data.fps"),
+    (["trainable.unfreeze_topk_llm=2"], "trainable.unfreeze_topk_llm"),
+    (["data.image_min_pixels=100", "data.image_max_pixels=10"], "data.image_min_pixels"),
+    (["data.image_resized_width=448"], "data.image_resized_width"),
+    (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps"),
+    (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(SFTConfig, None, ["data.train_path=x.json", *overrides])
+
+
+def test_dump_and_reload_roundtrip(tmp_path):
+    cfg = load_config(SFTConfig, None, ["data.train_path=x.json", "optim.vision_lr=2e-6", "train.seed=3"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(SFTConfig, tmp_path / "c.yaml") == cfg

@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from vltrain.data.dataset import SFTDataset, pad_collate
+from vltrain.data.encode import IGNORE_INDEX, SampleSkipped, encode
+from vltrain.data.formats import parse_record
+from vltrain.data.media import MediaOptions
+from vltrain.families import family_spec
+from vltrain.tiny import build_tiny_processor
+
+from conftest import FAMILIES, mixed_records
+
+
+def _media(model_type):
+    return MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
+                        video_max_pixels=64 * 64, nframes=4)
+
+
+def _segments(labels, input_ids):
+    """Contiguous supervised spans as lists of token ids."""
+    spans, current = [], []
+    for label, token in zip(labels.tolist(), input_ids.tolist()):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return spans
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_labels_are_exactly_the_assistant_turns(model_type, media_dir):
+    processor = build_tiny_processor(model_type)
+    tok = processor.tokenizer
+    conv = parse_record(mixed_records()[2], 0)  # two images in two user turns, two assistant replies
+    example = encode(conv, processor, _media(model_type), max_seq_length=4096, image_folder=str(media_dir),
+                     system_prompt="Answer briefly.")
+    spans = _segments(example["labels"], example["input_ids"])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [tok.decode(s) for s in spans] == ["a circle<|im_end|>", "a square<|im_end|>"]
+    assert all(s[-1] == im_end for s in spans)
+    # system prompt present and unsupervised; no media token is ever supervised
+    text = tok.decode(example["input_ids"])
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
+    assert not (example["labels"][example["mm_token_type_ids"] != 0] != IGNORE_INDEX).any()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_multi_image_tokens_land_in_the_right_turns(model_type, media_dir):
+    processor = build_tiny_processor(model_type)
+    tok = processor.tokenizer
+    example = encode(parse_record(mixed_records()[2], 0), processor, _media(model_type), max_seq_length=4096,
+                     image_folder=str(media_dir))
+    ids = example["input_ids"].tolist()
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    turns, current = [], []
+    for t in ids:
+        if t == im_start and current:
+            turns.append(current)
+            current = []
+        current.append(t)
+    turns.append(current)
+    merge = 4
+    per_image = (example["image_grid_thw"].prod(-1) // merge).tolist()
+    counts = [turn.count(image_pad) for turn in turns]
+    # system, user(image a), assistant, user(image b), assistant
+    assert counts == [0, per_image[0], 0, per_image[1], 0]
+    assert per_image[0] != per_image[1]  # a.png and b.png have different sizes, so the order is checked
+    assert example["pixel_values"].shape[0] == int(example["image_grid_thw"].prod(-1).sum())
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_video_sample_encodes_with_timestamps_for_qwen3(model_type, media_dir):
+    processor = build_tiny_processor(model_type)
+    example = encode(parse_record(mixed_records()[3], 0), processor, _media(model_type), max_seq_length=4096,
+                     image_folder=str(media_dir))
+    grid = example["video_grid_thw"]
+    assert grid.shape == (1, 3) and grid[0, 0] == 2  # nframes=4 -> 2 temporal groups
+    text = processor.tokenizer.decode(example["input_ids"])
+    if family_spec(model_type).timestamped_video:
+        # 8 frames at 4 fps, 4 sampled (0, 2, 5, 7): groups start at 0.25 s and 1.5 s
+        assert "<0.2 seconds><|vision_start|>" in text and "<1.5 seconds><|vision_start|>" in text
+        assert text.count("<|vision_start|>") == 2
+    else:
+        assert "seconds" not in text and text.count("<|vision_start|>") == 1
+        assert "second_per_grid_ts" in example
+
+
+def test_truncation_cuts_text_but_never_media(media_dir):
+    processor = build_tiny_processor("qwen2_vl")
+    media = _media("qwen2_vl")
+    conv = parse_record({"id": "long", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "word " * 200}]}, 0)
+    full = encode(conv, processor, media, max_seq_length=100000, image_folder=str(media_dir))
+    media_end = int((full["mm_token_type_ids"] != 0).nonzero().max())
+    cut = encode(conv, processor, media, max_seq_length=media_end + 20, image_folder=str(media_dir))
+    assert len(cut["input_ids"]) == media_end + 20
+    assert torch.equal(cut["input_ids"], full["input_ids"][: media_end + 20])
+    assert (cut["mm_token_type_ids"] != 0).sum() == (full["mm_token_type_ids"] != 0).sum()
+    with pytest.raises(SampleSkipped, match="long"):
+        encode(conv, processor, media, max_seq_length=media_end, image_folder=str(media_dir))
+
+
+def test_dataset_skips_and_counts_unusable_samples(media_dir, tmp_path):
+    import json
+
+    records = mixed_records()[:2] + [{"id": "missing", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    processor = build_tiny_processor("qwen2_vl")
+    ds = SFTDataset(path, processor, _media("qwen2_vl"), max_seq_length=4096, image_folder=str(media_dir))
+    example = ds[2]  # unreadable -> replaced by the next sample (wraps to 0), counted
+    assert int(example["num_skipped"]) == 1
+    assert torch.equal(example["input_ids"], ds.encode(0)["input_ids"])
+    batch = pad_collate([ds[0], ds[1], ds[2]], processor.tokenizer.pad_token_id)
+    assert batch["num_skipped"] == 1 and batch["input_ids"].shape[0] == 3
+
+
+def test_pad_collate_mixed_batch(media_dir, mixed_data):
+    processor = build_tiny_processor("qwen2_5_vl")
+    ds = SFTDataset(mixed_data, processor, _media("qwen2_5_vl"), max_seq_length=4096, image_folder=str(media_dir))
+    examples = [ds[i] for i in range(len(ds))]
+    batch = pad_collate(examples, processor.tokenizer.pad_token_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["video_grid_thw"].shape == (1, 3)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()

@@ -1,0 +1,224 @@
+"""Records -> validated conversations.
+
+Accepted record shapes (one JSON list file, or JSONL with one record per line):
+
+* LLaVA (the upstream format, unchanged)::
+
+    {"id": "1", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "v.mp4" | [...],
+     "system": "optional per-sample system prompt",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A bus."}]}
+
+  `<image>` / `<video>` placeholders are consumed in order across turns; a record whose text has no
+  placeholders gets its media at the start of the first user turn. A newline next to a placeholder is
+  dropped (it belonged to the placeholder).
+
+* OpenAI-style messages with typed content::
+
+    {"messages": [{"role": "system", "content": "..."},
+                  {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "content": "..."}]}
+
+  (`image_url: {"url": ...}` and `video` parts are accepted too.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+PartKind = Literal["text", "image", "video"]
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_PLACEHOLDER = re.compile(r"\n?(<image>|<video>)\n?")
+
+
+class DataFormatError(ValueError):
+    """A record that cannot be read; the message names the file, sample and field."""
+
+
+@dataclass
+class Part:
+    kind: PartKind
+    value: str  # text, or a media reference (path / URL)
+
+
+@dataclass
+class Turn:
+    role: Literal["system", "user", "assistant"]
+    parts: list[Part] = field(default_factory=list)
+
+
+@dataclass
+class Conversation:
+    sample_id: str
+    turns: list[Turn]
+
+    @property
+    def images(self) -> list[str]:
+        return [p.value for t in self.turns for p in t.parts if p.kind == "image"]
+
+    @property
+    def videos(self) -> list[str]:
+        return [p.value for t in self.turns for p in t.parts if p.kind == "video"]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A JSON list or a JSONL file, as a list of dicts; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"data file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}: not valid JSON ({e})") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
+    return records
+
+
+def _as_list(value, name: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise DataFormatError(f"{where}: field {name!r} must be a string or a list of strings, got {value!r}")
+
+
+def _split_placeholders(text: str, images: list[str], videos: list[str], where: str) -> list[Part]:
+    parts: list[Part] = []
+    pos = 0
+    for match in _PLACEHOLDER.finditer(text):
+        if match.start() > pos:
+            parts.append(Part("text", text[pos : match.start()]))
+        queue, kind = (images, "image") if match.group(1) == "<image>" else (videos, "video")
+        if not queue:
+            raise DataFormatError(f"{where}: more {match.group(1)} placeholders than {kind} files in the record")
+        parts.append(Part(kind, queue.pop(0)))
+        pos = match.end()
+    if pos < len(text):
+        parts.append(Part("text", text[pos:]))
+    return parts
+
+
+def _from_llava(record: dict, where: str) -> list[Turn]:
+    turns_in = record["conversations"]
+    if not isinstance(turns_in, list) or not turns_in:
+        raise DataFormatError(f"{where}: 'conversations' must be a non-empty list")
+    images = _as_list(record.get("image"), "image", where)
+    videos = _as_list(record.get("video"), "video", where)
+    num_images, num_videos = len(images), len(videos)
+    has_placeholders = any(
+        isinstance(t, dict) and isinstance(t.get("value"), str) and _PLACEHOLDER.search(t["value"]) for t in turns_in
+    )
+    turns: list[Turn] = []
+    for j, turn in enumerate(turns_in):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataFormatError(f"{where}: conversations[{j}] needs 'from' and 'value'")
+        role = _ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataFormatError(f"{where}: conversations[{j}].from={turn['from']!r} is not one of {sorted(_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise DataFormatError(f"{where}: conversations[{j}].value must be a string")
+        turns.append(Turn(role, _split_placeholders(turn["value"], images, videos, f"{where} conversations[{j}]")))
+    if has_placeholders and (images or videos):
+        raise DataFormatError(
+            f"{where}: the record lists {num_images} image(s) and {num_videos} video(s) but its text has only "
+            f"{num_images - len(images)} <image> and {num_videos - len(videos)} <video> placeholders"
+        )
+    if images or videos:  # no placeholders at all: media go first in the first user turn
+        first_user = next((t for t in turns if t.role == "user"), None)
+        if first_user is None:
+            raise DataFormatError(f"{where}: media given but there is no user turn to attach them to")
+        first_user.parts[:0] = [Part("video", v) for v in videos] + [Part("image", i) for i in images]
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataFormatError(f"{where}: field 'system' must be a string")
+        if turns[0].role == "system":
+            raise DataFormatError(f"{where}: both a 'system' field and a system turn")
+        turns.insert(0, Turn("system", [Part("text", system)]))
+    return turns
+
+
+def _from_messages(record: dict, where: str) -> list[Turn]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f"{where}: 'messages' must be a non-empty list")
+    turns = []
+    for j, message in enumerate(messages):
+        at = f"{where} messages[{j}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataFormatError(f"{at}: needs 'role' and 'content'")
+        role = _ROLES.get(str(message["role"]).lower())
+        if role is None:
+            raise DataFormatError(f"{at}: role={message['role']!r} is not one of system/user/assistant")
+        content = message["content"]
+        if isinstance(content, str):
+            turns.append(Turn(role, [Part("text", content)]))
+            continue
+        if not isinstance(content, list):
+            raise DataFormatError(f"{at}: content must be a string or a list of typed parts")
+        parts = []
+        for k, item in enumerate(content):
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text" and isinstance(item.get("text"), str):
+                parts.append(Part("text", item["text"]))
+            elif kind in ("image", "image_url"):
+                ref = item.get("image") or item.get("url") or item.get("path")
+                if isinstance(item.get("image_url"), dict):
+                    ref = item["image_url"].get("url")
+                elif isinstance(item.get("image_url"), str):
+                    ref = item["image_url"]
+                if not isinstance(ref, str):
+                    raise DataFormatError(f"{at}.content[{k}]: image part without a path/url")
+                parts.append(Part("image", ref))
+            elif kind in ("video", "video_url"):
+                ref = item.get("video") or item.get("url") or item.get("path")
+                if isinstance(item.get("video_url"), dict):
+                    ref = item["video_url"].get("url")
+                if not isinstance(ref, str):
+                    raise DataFormatError(f"{at}.content[{k}]: video part without a path/url")
+                parts.append(Part("video", ref))
+            else:
+                raise DataFormatError(f"{at}.content[{k}]: unknown part {item!r} (expected text/image/video)")
+        turns.append(Turn(role, parts))
+    return turns
+
+
+def parse_record(record: dict, index: int, source: str = "data") -> Conversation:
+    """Validate one record of either format; the error names `source`, the index and the id."""
+    sample_id = str(record.get("id", index))
+    where = f"{source}: sample {index} (id={sample_id!r})"
+    if "conversations" in record:
+        turns = _from_llava(record, where)
+    elif "messages" in record:
+        turns = _from_messages(record, where)
+    else:
+        raise DataFormatError(f"{where}: needs 'conversations' (LLaVA) or 'messages' (OpenAI style)")
+    if any(t.role == "system" for t in turns[1:]):
+        raise DataFormatError(f"{where}: a system turn may only come first")
+    if not any(t.role == "assistant" for t in turns):
+        raise DataFormatError(f"{where}: no assistant turn, so nothing to train on")
+    return Conversation(sample_id, turns)
+
+
+def load_conversations(path: str | Path) -> list[Conversation]:
+    """Every record of a data file, validated up front so a bad one fails before training starts."""
+    return [parse_record(r, i, str(path)) for i, r in enumerate(read_records(path))]

@@ -1,0 +1,54 @@
+"""Loading a Qwen-VL model and its processor (hub id, local folder, or `tiny:<model_type>`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from vltrain.families import family_spec
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """`auto` -> flash_attention_2 when flash-attn is importable and CUDA is up, else sdpa."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 but flash-attn is not installed")
+        return requested
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_cfg, **from_pretrained_kwargs):
+    """(model, processor) for `model_cfg`; the family is checked from `config.model_type` before loading."""
+    dtype = DTYPES[model_cfg.dtype]
+    attn = resolve_attn_implementation(model_cfg.attn_implementation)
+    name = model_cfg.name_or_path
+    if name.startswith("tiny:"):
+        from vltrain.tiny import build_tiny
+
+        model, processor = build_tiny(name.split(":", 1)[1], dtype=dtype)
+        model.set_attn_implementation(attn) if attn != "sdpa" else None
+    else:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+        family_spec(config)  # a clear error for a model that is not a supported Qwen-VL family
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code,
+            **from_pretrained_kwargs,
+        )
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    log.info("loaded %s (%s, %s, attention=%s)", name, model.config.model_type, model_cfg.dtype, attn)
+    return model, processor
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: unfrozen vision blocks get real gradients even when the block inputs
+    (pixel patches) do not require grad, which the reentrant variant silently drops."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

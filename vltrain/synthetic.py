@@ -1,0 +1,75 @@
+"""A synthetic, deterministic visual question answering set: coloured shapes on a noisy background.
+
+Each image holds one shape (circle / square / triangle) in one colour (red / green / blue / yellow)
+at a random position and size. Each sample asks either its colour or its shape, with the (shape,
+colour, question) combinations balanced, so a model that ignores the pixels scores at chance
+(1/4 on colour questions, 1/3 on shape questions). Written as LLaVA JSON + PNG files so the demo
+goes through the same data path as a user's dataset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is in the image?"}
+
+
+def draw_shape(shape: str, colour: str, size: int, rng: random.Random) -> Image.Image:
+    background = tuple(rng.randint(90, 160) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for _ in range(size):  # light pixel noise
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.point((x, y), fill=tuple(rng.randint(60, 200) for _ in range(3)))
+    extent = rng.randint(size * 5 // 10, size * 8 // 10)
+    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (x0, y0, x0 + extent, y0 + extent)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=fill)
+    return image
+
+
+def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
+                         seed: int = 0) -> tuple[Path, Path]:
+    """Write `train.json`, `eval.json` and `images/*.png` under `out_dir`; returns the two JSON paths.
+
+    Deterministic in `seed`; an existing complete set with the same parameters is reused."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / "params.json"
+    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 1}
+    train_path, eval_path = out_dir / "train.json", out_dir / "eval.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == params and train_path.exists() and eval_path.exists():
+        return train_path, eval_path
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    combos = list(itertools.product(SHAPES, COLOURS, QUESTIONS))
+    for split, count, path in (("train", num_train, train_path), ("eval", num_eval, eval_path)):
+        records = []
+        for i in range(count):
+            shape, colour, kind = combos[i % len(combos)]
+            name = f"{split}_{i:05d}.png"
+            draw_shape(shape, colour, image_size, rng).save(out_dir / "images" / name)
+            records.append({
+                "id": f"{split}-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
+                    {"from": "gpt", "value": colour if kind == "colour" else shape},
+                ],
+            })
+        rng.shuffle(records)
+        path.write_text(json.dumps(records, indent=1))
+    stamp.write_text(json.dumps(params))
+    return train_path, eval_path
