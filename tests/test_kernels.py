@@ -1,0 +1,301 @@
+"""Kernel parity: every kernel vs the unpatched model, loss and gradients, on tiny models.
+
+CPU tests run in fp32 with atol 1e-5. GPU tests (`-m gpu`, skipped without CUDA) run in bf16 through
+liger's fused CE and torch's varlen attention, with the tolerances stated next to each one.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vltrain.families import FAMILIES
+from vltrain.kernels import KERNELS, applicable_kernels, apply_kernels
+from vltrain.kernels.fused_ce import chunked_linear_cross_entropy_sum
+from vltrain.kernels.patch_embed import PatchLinear
+from vltrain.kernels.vision_varlen import masked_varlen_attention
+from vltrain.tiny import build_tiny
+
+FAMILY_NAMES = sorted(FAMILIES)
+ATOL = 1e-5
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(model_type):
+    model, processor = build_tiny(model_type)
+    return model.eval(), processor
+
+
+def _fresh(model_type, dtype=torch.float32, device="cpu"):
+    """(stock, patched-to-be) copies of the cached tiny model, and its processor."""
+    model, processor = _tiny(model_type)
+    stock = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return stock, copy.deepcopy(stock), processor
+
+
+def _image(height, width, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def _conversation(media, answer):
+    return [
+        {"role": "user", "content": [{"type": media}, {"type": "text", "text": "What colour is the shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def _with_labels(batch):
+    """Labels = input ids with -100 on padding, on the prompt half, and on a span inside the answer."""
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    length = labels.shape[1]
+    labels[:, : length // 2] = -100
+    labels[0, length // 2 + 2 : length // 2 + 5] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def image_batch(processor, sizes=((56, 84), (112, 140))):
+    answers = ["red circle", "the quick brown fox jumps over the lazy dog", "blue", "green square"]
+    text = [processor.apply_chat_template(_conversation("image", a), tokenize=False) for a in answers[: len(sizes)]]
+    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    return _with_labels(dict(processor(text=text, images=images, return_tensors="pt", padding=True)))
+
+
+def video_batch(processor):
+    from transformers.video_utils import VideoMetadata
+
+    text = [processor.apply_chat_template(_conversation("video", "a man is walking down the road"), tokenize=False)]
+    frames = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    metadata = [VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])]
+    batch = processor(text=text, videos=[frames], video_metadata=metadata, do_sample_frames=False,
+                      return_tensors="pt")
+    return _with_labels(dict(batch))
+
+
+def _to(batch, device, dtype):
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+
+
+def loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(stock, patched, batch, atol=ATOL, **kwargs):
+    ref, ref_grads = loss_and_grads(stock, batch, **kwargs)
+    out, grads = loss_and_grads(patched, batch, **kwargs)
+    torch.testing.assert_close(out.loss, ref.loss, atol=atol, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+    return out
+
+
+# --- the ops, against plain torch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_chunked_linear_cross_entropy_matches_torch(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (10,))
+    loss = chunked_linear_cross_entropy_sum(hidden, weight, None, targets, chunk_size=chunk_size)
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_masked_varlen_attention_matches_per_segment_loop():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(23, 2, 8) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 4, 5, 16, 23], dtype=torch.int32)
+    out = masked_varlen_attention(q, k, v, cu_seqlens, scale=0.3)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        ref = F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), scale=0.3)
+        torch.testing.assert_close(out[start:end], ref.transpose(0, 1), atol=ATOL, rtol=0)
+
+
+# --- every kernel vs the unpatched model, every family ---------------------------------------------
+
+CASES = [(f, k) for f in FAMILY_NAMES for k in KERNELS if k in applicable_kernels(f)] + [(f, "all") for f in FAMILY_NAMES]
+
+
+@pytest.mark.parametrize("family,kernel", CASES)
+def test_kernel_matches_stock_loss_and_grads(family, kernel):
+    stock, patched, processor = _fresh(family)
+    patches = apply_kernels(patched, [kernel])
+    assert patches and patched._vltrain_kernels == patches
+    out = assert_same_loss_and_grads(stock, patched, image_batch(processor))
+    if kernel in ("fused_linear_ce", "all"):
+        assert out.logits is None
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_ce_num_items_in_batch_matches_stock(family):
+    stock, patched, processor = _fresh(family)
+    apply_kernels(patched, ["fused_linear_ce"])
+    out = assert_same_loss_and_grads(stock, patched, image_batch(processor), num_items_in_batch=torch.tensor(37))
+    assert out.loss.item() != 0
+
+
+def test_fused_ce_moe_aux_loss_matches_stock():
+    stock, patched, processor = _fresh("qwen3_vl_moe")
+    apply_kernels(patched, ["fused_linear_ce"])
+    out = assert_same_loss_and_grads(stock, patched, image_batch(processor), output_router_logits=True)
+    assert out.aux_loss is not None
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_all_kernels_match_stock_on_video(family):
+    stock, patched, processor = _fresh(family)
+    apply_kernels(patched, ["all"])
+    batch = video_batch(processor)
+    assert "pixel_values_videos" in batch
+    assert_same_loss_and_grads(stock, patched, batch)
+
+
+def test_window_attention_matches_stock_on_images_of_different_sizes():
+    stock, patched, processor = _fresh("qwen2_5_vl")
+    apply_kernels(patched, ["vision_window_varlen"])
+    batch = image_batch(processor, sizes=((56, 84), (112, 140), (28, 28), (84, 196)))
+    grid = batch["image_grid_thw"]
+    assert len({tuple(g) for g in grid.tolist()}) == 4
+    from transformers.vision_utils import get_vision_window_index
+
+    config = stock.config.vision_config
+    _, cu_window_seqlens = get_vision_window_index(grid, spatial_merge_size=2, window_size=config.window_size,
+                                                   patch_size=config.patch_size)
+    assert len(torch.unique_consecutive(cu_window_seqlens)) - 1 > 2 * len(grid)  # many windows per image
+    pixels = batch["pixel_values"].requires_grad_(True)
+    outs = []
+    for model in (stock, patched):
+        visual = model.model.visual
+        out = visual(pixels, grid_thw=grid).pooler_output
+        (grad,) = torch.autograd.grad(out.square().sum(), pixels)
+        outs.append((out, grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=ATOL, rtol=0)
+    assert_same_loss_and_grads(stock, patched, batch)
+
+
+# --- instance-only, idempotent, strict ---------------------------------------------------------------
+
+
+def test_kernels_leave_other_instances_and_the_class_untouched():
+    stock, patched, processor = _fresh("qwen2_5_vl")
+    classes = {type(m): m.forward.__func__ for m in stock.modules() if hasattr(m, "forward")}
+    apply_kernels(patched, ["all"])
+    assert {type(m): type(m).forward for m in stock.modules()} == classes  # class forwards unchanged
+    for module in stock.modules():
+        assert "forward" not in module.__dict__
+    assert isinstance(stock.model.visual.patch_embed.proj, torch.nn.Conv3d)
+    assert not hasattr(stock, "_vltrain_kernels")
+    assert stock(**image_batch(processor)).logits is not None
+    fresh, _ = build_tiny("qwen2_5_vl")
+    assert "forward" not in fresh.__dict__ and isinstance(fresh.model.visual.patch_embed.proj, torch.nn.Conv3d)
+
+
+def test_patch_embed_linear_keeps_state_dict_and_parameters():
+    stock, patched, _ = _fresh("qwen3_vl")
+    conv = patched.model.visual.patch_embed.proj
+    before = {k: v.shape for k, v in patched.state_dict().items()}
+    apply_kernels(patched, ["patch_embed_linear"])
+    assert isinstance(patched.model.visual.patch_embed.proj, PatchLinear)
+    assert patched.model.visual.patch_embed.proj.weight is conv.weight
+    assert {k: v.shape for k, v in patched.state_dict().items()} == before
+    stock.load_state_dict(patched.state_dict())
+
+
+def test_idempotent():
+    _, patched, processor = _fresh("qwen2_5_vl")
+    first = apply_kernels(patched, ["all"])
+    forward, attn_forward = patched.forward, patched.model.visual.blocks[0].attn.forward
+    assert apply_kernels(patched, ["all"]) == first
+    assert apply_kernels(patched, ["fused_linear_ce", "patch_embed_linear"]) == first
+    assert patched.forward.__func__ is forward.__func__
+    assert patched.model.visual.blocks[0].attn.forward.__func__ is attn_forward.__func__
+    assert len(first) == 4 and all(":" in entry for entry in first)
+
+
+def test_deepcopy_of_patched_model_is_patched_and_independent():
+    stock, patched, processor = _fresh("qwen2_5_vl")
+    apply_kernels(patched, ["all"])
+    twin = copy.deepcopy(patched)
+    assert twin.forward.__self__ is twin and twin.lm_head.forward.__self__ is twin.lm_head
+    assert_same_loss_and_grads(stock, twin, image_batch(processor))
+
+
+def test_unknown_or_inapplicable_kernel_raises():
+    _, patched, _ = _fresh("qwen2_vl")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        apply_kernels(patched, ["flash_everything"])
+    with pytest.raises(ValueError, match="does not apply"):
+        apply_kernels(patched, ["vision_window_varlen"])
+    assert not hasattr(patched, "_vltrain_kernels")
+    assert apply_kernels(patched, ["vision_window_varlen"], strict=False) == []
+    assert [e.split(":")[0] for e in apply_kernels(patched, ["all"])] == [
+        "fused_linear_ce", "fused_linear_ce", "patch_embed_linear"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generation_unchanged(family):
+    stock, patched, processor = _fresh(family)
+    apply_kernels(patched, ["all"])
+    conversation = _conversation("image", "")[:1]
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    batch = dict(processor(text=[text], images=[_image(56, 84, 0)], return_tensors="pt"))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    torch.testing.assert_close(patched.generate(**batch, **kwargs), stock.generate(**batch, **kwargs))
+
+
+# --- GPU, bf16: liger fused CE and torch varlen attention -------------------------------------------
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_bf16_all_kernels_match_stock(family):
+    """bf16 tolerances: loss within 2e-2 absolute; each gradient within 5% relative L2 error (liger's
+    fp32-accumulated CE and bf16 varlen attention reorder the bf16 sums the stock path does)."""
+    pytest.importorskip("liger_kernel")
+    stock, patched, processor = _fresh(family, dtype=torch.bfloat16, device="cuda")
+    apply_kernels(patched, ["all"])
+    batch = _to(image_batch(processor), "cuda", torch.bfloat16)
+    ref, ref_grads = loss_and_grads(stock, batch, num_items_in_batch=torch.tensor(37))
+    out, grads = loss_and_grads(patched, batch, num_items_in_batch=torch.tensor(37))
+    assert abs(out.loss.item() - ref.loss.item()) < 2e-2
+    assert grads.keys() == ref_grads.keys()
+    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in grads}
+    assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_window_attention_matches_stock():
+    """bf16 tolerance: vision tower output within 2% relative L2 error of the stock sdpa window loop."""
+    stock, patched, processor = _fresh("qwen2_5_vl", dtype=torch.bfloat16, device="cuda")
+    apply_kernels(patched, ["vision_window_varlen"])
+    batch = _to(image_batch(processor, sizes=((56, 84), (112, 140), (28, 28), (84, 196))), "cuda", torch.bfloat16)
+    outs = [m.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            for m in (stock, patched)]
+    assert _rel_err(outs[1], outs[0]) < 2e-2

@@ -1,0 +1,75 @@
+"""Speed kernels patched onto ONE model instance: `apply_kernels(model, names) -> list[str]`.
+
+Kernels (module docstrings say exactly what each replaces):
+- "fused_linear_ce"       (every family)   fused_ce.py: loss from hidden states, logits never built.
+- "vision_window_varlen"  (qwen2_5_vl)     vision_varlen.py: one varlen attention call over all windows.
+- "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
+- "all": every kernel that applies to the model's family.
+
+Nothing is assigned on a class: forwards are bound methods set on the instance (a deepcopy rebinds them
+to the copy) and submodules are swapped on the instance. Applying twice patches nothing new. Apply
+before `accelerator.prepare` / FSDP / DeepSpeed wrapping, so their hooks see the final modules.
+"""
+
+from __future__ import annotations
+
+from vltrain.families import family_spec, get_module
+from vltrain.kernels.fused_ce import patch_fused_linear_ce
+from vltrain.kernels.patch_embed import patch_patch_embed_linear
+from vltrain.kernels.vision_varlen import patch_vision_window_varlen
+
+KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear")
+
+__all__ = ["KERNELS", "apply_kernels", "applicable_kernels"]
+
+
+def applicable_kernels(model) -> list[str]:
+    """The kernels that apply to this model's family, in application order."""
+    spec = family_spec(model)
+    return [name for name in KERNELS if name != "vision_window_varlen" or spec.window_attention]
+
+
+def _base_model(model):
+    """The ForConditionalGeneration under a peft wrapper (or the model itself)."""
+    return get_module(model, "")
+
+
+def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool = True) -> list[str]:
+    """Patch `kernels` onto this instance; return (and store as `model._vltrain_kernels`) what is patched.
+
+    Raises ValueError for an unknown name, and -- with `strict` -- for a kernel that cannot apply to this
+    family; with `strict=False` such a kernel is skipped. The returned list covers every patch applied
+    to this instance so far, so a second identical call returns the same list.
+    """
+    if isinstance(kernels, str):
+        kernels = [kernels]
+    spec = family_spec(model)
+    applicable = applicable_kernels(model)
+    requested: list[str] = []
+    for name in kernels:
+        if name == "all":
+            requested.extend(applicable)
+        elif name not in KERNELS:
+            raise ValueError(f"unknown kernel {name!r}; known: {list(KERNELS)} or 'all'")
+        elif name not in applicable:
+            if strict:
+                raise ValueError(f"kernel {name!r} does not apply to model_type {spec.model_type!r}; "
+                                 f"applicable: {applicable}")
+        else:
+            requested.append(name)
+
+    base = _base_model(model)
+    patched: list[str] = list(getattr(model, "_vltrain_kernels", []))
+    for name in dict.fromkeys(requested):  # de-duplicated, in order
+        if name == "fused_linear_ce":
+            new = patch_fused_linear_ce(base)
+        elif name == "vision_window_varlen":
+            new = patch_vision_window_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks)
+        else:
+            path = f"{spec.vision_module}.patch_embed"
+            new = patch_patch_embed_linear(get_module(model, path), path)
+        patched.extend(entry for entry in new if entry not in patched)
+    model._vltrain_kernels = patched
+    if base is not model:
+        base._vltrain_kernels = patched
+    return list(patched)
