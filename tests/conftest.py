@@ -82,3 +82,31 @@ def mixed_data(media_dir) -> Path:
     path = media_dir / "train.json"
     path.write_text(json.dumps(mixed_records()))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerator state is a process-wide singleton; each test builds its own."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def sft_config(tmp_path, model_type, train_path, **overrides):
+    """A small SFT config for tests (no workers, no trackers)."""
+    from vltrain.config import SFTConfig, load_config
+
+    base = {
+        "model.name_or_path": f"tiny:{model_type}", "model.dtype": "float32", "model.attn_implementation": "sdpa",
+        "data.train_path": str(train_path), "data.image_folder": str(Path(train_path).parent),
+        "data.num_workers": 0, "data.max_seq_length": 1024, "data.nframes": 4,
+        "data.image_max_pixels": 64 * 64 * 2, "data.video_max_pixels": 64 * 64,
+        "optim.lr": 3e-3, "optim.warmup_steps": 0, "optim.scheduler": "constant",
+        "train.output_dir": str(tmp_path / "out"), "train.report_to": "none", "train.max_steps": 8,
+        "train.micro_batch_size": 2, "train.log_every": 1,
+    }
+    base.update(overrides)
+    return load_config(SFTConfig, None, [f"{k}={v}" for k, v in base.items()])

@@ -50,5 +50,8 @@ def load_model(model_cfg, **from_pretrained_kwargs):
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing: unfrozen vision blocks get real gradients even when the block inputs
     (pixel patches) do not require grad, which the reentrant variant silently drops."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
