@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vltrain.checkpoint import export_model, load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.data.encode import IGNORE_INDEX
+from vltrain.distributed import deepspeed_offloads_optimizer
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.tracking import format_step, peak_memory_gib, print0
 from vltrain.vision import batch_has_media, dummy_vision_loss
@@ -68,10 +69,17 @@ def _batches(loader, start_epoch: int, skip: int):
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        for index, batch in enumerate(loader):
-            if epoch == start_epoch and index < skip:
-                continue
-            yield epoch, index, batch
+        iterator, index = iter(loader), 0
+        while True:
+            # Data loading never draws from the training RNG (a new DataLoader iterator does, for its
+            # worker seed): a resumed run's dropout then matches the straight run's exactly.
+            with torch.random.fork_rng(devices=[]):
+                batch = next(iterator, None)
+            if batch is None:
+                break
+            if epoch > start_epoch or index >= skip:
+                yield epoch, index, batch
+            index += 1
         epoch += 1
 
 
@@ -101,7 +109,7 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
         steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / ga)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_epochs * steps_per_epoch))
 
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cpu_offload=deepspeed_offloads_optimizer(accelerator))
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)  # stepped once per optimizer step by us
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
@@ -173,7 +181,7 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
             result.eval_losses.append((step, evaluate(accelerator, model, eval_loader)))
             accelerator.log({"eval_loss": result.eval_losses[-1][1]}, step=step)
             print0(f"eval step {step}: loss {result.eval_losses[-1][1]:.4f}")
-        if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+        if tcfg.save_every and (step % tcfg.save_every == 0 or step == total_steps):
             save_checkpoint(accelerator, tcfg.output_dir, step, scheduler,
                             {"epoch": epoch, "next_batch": batch_index}, tcfg.save_total_limit)
     bar.close()

@@ -80,15 +80,27 @@ def main(cfg: SFTConfig) -> dict:
         dump_config(cfg, output_dir / "config.yaml")
     print0("resolved config:\n" + (output_dir / "config.yaml").read_text() if accelerator.is_main_process else "")
 
-    model, processor = load_model(cfg.model)
+    from vltrain.lora import load_model_for_lora, validate_lora
+
+    validate_lora(cfg)
+    if cfg.lora.enabled:
+        model, processor = load_model_for_lora(cfg.model, cfg.lora, accelerator.device)  # 4/8-bit when lora.bits < 16
+    else:
+        model, processor = load_model(cfg.model)
     spec = family_spec(model)
     if cfg.model.kernels:
         from vltrain.kernels import apply_kernels
 
         print0("kernels: " + "; ".join(apply_kernels(model, cfg.model.kernels)))
-    counts = configure_trainable(model, cfg.trainable)
     if cfg.lora.enabled:
-        raise ValueError("lora.enabled: LoRA training is not available in this build yet")
+        from vltrain.lora import apply_lora, configure_trainable_for_lora
+        from vltrain.trainable import trainable_counts
+
+        configure_trainable_for_lora(model, cfg.trainable)  # what trains fully; adapters go on the rest
+        model = apply_lora(model, cfg.lora, base_name=cfg.model.name_or_path)
+        counts = trainable_counts(model)
+    else:
+        counts = configure_trainable(model, cfg.trainable)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     total = sum(p.numel() for p in model.parameters())

@@ -1,19 +1,32 @@
-"""Resumable checkpoints (training state) and exports (what plain transformers loads).
+"""Resumable checkpoints (training state) and exports (what plain transformers / peft load).
 
-A checkpoint is `output_dir/checkpoints/step_XXXXXX/`: accelerate's state (model, optimizer, RNG
-states; every rank writes its shard) plus `trainer_state.json` (step, data position) and the
-scheduler. It is written under `step_XXXXXX.tmp`, renamed by the main process, and a `COMPLETE`
-marker is written last: `latest_checkpoint` ignores any folder without it.
+A checkpoint is `output_dir/checkpoints/step_XXXXXX/`:
+  model.safetensors       the *trainable* parameters only (LoRA: adapters + fully trained modules;
+                          frozen base weights come from the base model at resume)
+  optimizer.bin, random_states_*.pkl, (sampler.bin)   accelerate's state: optimizer, RNG of every rank
+  scheduler_vltrain.pt    the LR schedule
+  trainer_state.json      step, epoch, next_batch (the data position)
+  COMPLETE                written last
+It is written under `step_XXXXXX.tmp` and renamed by the main process before the marker is written:
+`latest_checkpoint` / `resume: auto` only ever see folders with the marker, so a process killed
+mid-save leaves a torn folder that is ignored. Only the newest `keep_last` complete ones are kept.
+The model state is gathered once per save (`accelerator.get_state_dict` inside `save_state`).
 
-An export is `save_pretrained` weights (safetensors) + processor + the resolved config.
+An export is `save_pretrained` weights (safetensors) + processor + the resolved config. For a peft
+model: `adapter/` (peft's folder, loadable with `PeftModel.from_pretrained`) and, with
+`lora.merge_on_export`, `merged/` -- the base in the training dtype with the adapter merged in.
+
+`VLTRAIN_SAVE_SLEEP=<seconds>` sleeps inside a save, between writing and renaming (for kill tests).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +36,7 @@ from vltrain.config import dump_config
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MODEL_FILE = "model.safetensors"  # accelerate's name for the first prepared model's weights
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -51,18 +65,40 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def _trainable_names(module) -> set[str]:
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def _keep_trainable(models, weights, output_dir) -> None:
+    """accelerate save-state pre-hook: drop frozen parameters (and buffers) from the model weights."""
+    for i, (model, state) in enumerate(zip(models, weights)):
+        keep = _trainable_names(model)
+        weights[i] = {k: v for k, v in state.items() if k in keep}
+
+
+def _register_hooks(accelerator) -> None:
+    if not getattr(accelerator, "_vltrain_ckpt_hooks", False):
+        accelerator.register_save_state_pre_hook(_keep_trainable)
+        accelerator._vltrain_ckpt_hooks = True
+
+
 def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state: dict, keep_last: int) -> Path:
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    _register_hooks(accelerator)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # DeepSpeed writes its own engine checkpoint; leave frozen (base) weights out of it too.
+    kwargs = {"exclude_frozen_parameters": True} if accelerator.distributed_type == "DEEPSPEED" else {}
+    accelerator.save_state(str(tmp), **kwargs)
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler_vltrain.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        if os.environ.get("VLTRAIN_SAVE_SLEEP"):
+            time.sleep(float(os.environ["VLTRAIN_SAVE_SLEEP"]))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (final / COMPLETE).write_text("ok\n")
@@ -73,22 +109,59 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
     return final
 
 
+def _check_keys(accelerator, path: Path) -> None:
+    """Every trainable parameter must be in the checkpoint and nothing else: a mismatch names the key."""
+    from safetensors import safe_open
+
+    file = path / MODEL_FILE
+    if not file.is_file() or not accelerator._models:
+        return  # FSDP / DeepSpeed write their own format; their loaders check it
+    with safe_open(str(file), "pt") as f:
+        saved = set(f.keys())
+    expected = _trainable_names(accelerator._models[0])
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model being trained: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(was it written with other trainable.* / lora.* settings?)"
+        )
+
+
 def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
-    accelerator.load_state(str(path))
+    """Restore model (trainable weights), optimizer, RNG states, scheduler; returns trainer_state."""
+    path = Path(path)
+    _check_keys(accelerator, path)
+    kwargs = {"load_module_strict": False} if accelerator.distributed_type == "DEEPSPEED" else {"strict": False}
+    accelerator.load_state(str(path), **kwargs)
     scheduler.load_state_dict(torch.load(path / "scheduler_vltrain.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
 
 
 def export_model(accelerator, model, processor, cfg, out_dir: str | Path) -> Path:
-    """`save_pretrained` weights + processor + resolved config, loadable by plain transformers."""
+    """`save_pretrained` weights + processor + resolved config, loadable by plain transformers (or,
+    for a peft model, `adapter/` for peft and optionally `merged/` for plain transformers)."""
     out_dir = Path(out_dir)
     state_dict = accelerator.get_state_dict(model)  # gathers under ZeRO-3 / FSDP, once
+    unwrapped = accelerator.unwrap_model(model)
+    is_peft = hasattr(unwrapped, "peft_config")
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(out_dir)
-        dump_config(cfg, out_dir / "vltrain_config.yaml")
-        log.info("exported model to %s", out_dir)
+        target = out_dir / "adapter" if is_peft else out_dir
+        target.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(target)
+        dump_config(cfg, target / "vltrain_config.yaml")
+        log.info("exported %s to %s", "adapter" if is_peft else "model", target)
+        if is_peft and getattr(getattr(cfg, "lora", None), "merge_on_export", False):
+            from vltrain.lora import merge_adapter
+
+            # merged from the saved adapter into a fresh, unquantized base in the training dtype (a
+            # 4/8-bit base cannot hold the merge exactly); on CPU so it never competes for GPU memory
+            merged, merged_processor = merge_adapter(target, base=cfg.model.name_or_path, dtype=cfg.model.dtype)
+            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
+            merged_processor.save_pretrained(out_dir / "merged")
+            dump_config(cfg, out_dir / "merged" / "vltrain_config.yaml")
+            log.info("exported merged model to %s", out_dir / "merged")
     accelerator.wait_for_everyone()
     return out_dir
