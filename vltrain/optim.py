@@ -9,9 +9,17 @@ import torch
 from vltrain.trainable import param_groups
 
 
-def build_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
+def build_optimizer(model, optim_cfg, *, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; `cpu_offload` (DeepSpeed optimizer offload) uses DeepSpeed's CPU Adam
+    with the same groups, since a torch optimizer cannot step offloaded parameters efficiently."""
     groups = param_groups(model, optim_cfg)
     kwargs = dict(betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    if cpu_offload:
+        if optim_cfg.optimizer != "adamw":
+            raise ValueError(f"optim.optimizer={optim_cfg.optimizer} cannot be combined with DeepSpeed optimizer offload")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if optim_cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb

@@ -1,0 +1,29 @@
+"""The embedded default: `accelerate launch recipes/sft.py` with no arguments must really learn."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_demo_reaches_90_percent_held_out_accuracy(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/sft.py",
+           f"train.output_dir={tmp_path / 'demo'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["exact_match"] >= 0.90, summary
+    assert summary["num_skipped"] == 0
+    assert "held-out exact-match accuracy" in proc.stdout
+    # balanced questions: a model that ignored the pixels could not get here
+    records = [json.loads(line) for line in (tmp_path / "demo" / "exact_match.jsonl").read_text().splitlines()]
+    shapes = [r for r in records if r["answer"] in ("circle", "square", "triangle")]
+    assert len(shapes) > 60 and sum(r["correct"] for r in shapes) / len(shapes) > 0.8
+    assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
