@@ -1,7 +1,7 @@
 """A synthetic, deterministic visual question answering set: coloured shapes on a noisy background.
 
 Each image holds one shape (circle / square / triangle) in one colour (red / green / blue / yellow)
-at a random position and size. Each sample asks either its colour or its shape, with the (shape,
+near the centre, at a random size and offset. Each sample asks either its colour or its shape, with the (shape,
 colour, question) combinations balanced, so a model that ignores the pixels scores at chance
 (1/4 on colour questions, 1/3 on shape questions). Written as LLaVA JSON + PNG files so the demo
 goes through the same data path as a user's dataset.
@@ -28,8 +28,10 @@ def draw_shape(shape: str, colour: str, size: int, rng: random.Random) -> Image.
     for _ in range(size):  # light pixel noise
         x, y = rng.randrange(size), rng.randrange(size)
         draw.point((x, y), fill=tuple(rng.randint(60, 200) for _ in range(3)))
-    extent = rng.randint(size * 5 // 10, size * 8 // 10)
-    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    extent = rng.randint(size * 7 // 10, size * 9 // 10)
+    jitter = size // 16
+    x0 = max(0, min(size - extent, (size - extent) // 2 + rng.randint(-jitter, jitter)))
+    y0 = max(0, min(size - extent, (size - extent) // 2 + rng.randint(-jitter, jitter)))
     box = (x0, y0, x0 + extent, y0 + extent)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -48,7 +50,7 @@ def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval
     Deterministic in `seed`; an existing complete set with the same parameters is reused."""
     out_dir = Path(out_dir)
     stamp = out_dir / "params.json"
-    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 1}
+    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 3}
     train_path, eval_path = out_dir / "train.json", out_dir / "eval.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params and train_path.exists() and eval_path.exists():
         return train_path, eval_path
