@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
@@ -65,6 +66,7 @@ def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator):
 
 def main(cfg: SFTConfig) -> dict:
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need it said explicitly
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -117,7 +119,7 @@ def main(cfg: SFTConfig) -> dict:
         accelerator.init_trackers(cfg.train.run_name or "sft", config=_flat(cfg))
 
     result = train(cfg, accelerator, model, processor, train_loader, eval_loader)
-    summary = {"final_loss": result.losses[-1], "steps": result.step, "num_skipped": result.num_skipped,
+    summary = {"losses": result.losses, "final_loss": result.losses[-1], "steps": result.step, "num_skipped": result.num_skipped,
                "eval_losses": result.eval_losses, "export_dir": str(result.export_dir)}
 
     if cfg.train.eval_exact_match and cfg.data.eval_path and accelerator.is_main_process:
@@ -125,9 +127,10 @@ def main(cfg: SFTConfig) -> dict:
 
         model = accelerator.unwrap_model(model)
         conversations = load_conversations(cfg.data.eval_path)[: cfg.train.eval_exact_match]
-        accuracy, _ = exact_match_accuracy(model, processor, conversations, media, image_folder=cfg.data.image_folder,
+        accuracy, records = exact_match_accuracy(model, processor, conversations, media, image_folder=cfg.data.image_folder,
                                            system_prompt=cfg.data.system_prompt)
         summary["exact_match"] = accuracy
+        (output_dir / "exact_match.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         print0(f"held-out exact-match accuracy: {accuracy:.1%} on {len(conversations)} samples")
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
