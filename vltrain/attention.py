@@ -1,0 +1,217 @@
+"""Attention over packed rows: several examples in one row, none attending to another.
+
+`enable_packed_attention(model) -> list[str]` prepares ONE model instance for rows built by
+`vltrain.data.packing` (position_ids (4, B, L) whose row 0 restarts at 0 at every example, no
+attention_mask):
+- the language model's attention implementation becomes "vltrain_varlen" (registered below in
+  transformers' AttentionInterface; the vision tower keeps its own). Per call it finds the examples
+  from the text position ids (a new example starts wherever row 0 is 0) and runs causal attention
+  within each one:
+    CUDA + fp16/bf16: flash-attn's `flash_attn_varlen_func` when installed, else torch's
+    `torch.nn.attention.varlen.varlen_attn`; otherwise (CPU, fp32) one sdpa call with a
+    block-diagonal causal mask -- exact, O(L^2) memory, for tests and CPU.
+  Rows without packing (a single example per row) give the same result as the stock attention.
+- Qwen3.5's gated-delta-net layers (linear attention: a causal conv1d and a recurrent state that
+  would both carry over from one example to the next) run once per example: their forward is
+  patched on the instance to split the row at example boundaries, run the stock forward on each
+  piece and concatenate. Exact; one extra small launch group per example per layer.
+
+Padding with an attention_mask is not supported in packed mode (the collator never pads: one row per
+micro-batch); a mask that masks something raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "vltrain_varlen"
+
+
+# ------------------------------------------------------------------------------- segment bookkeeping
+def segment_starts(text_positions: torch.Tensor) -> list[torch.Tensor]:
+    """Per row of text positions (B, L): the indices where an example starts (position 0)."""
+    return [(row == 0).nonzero().flatten() for row in text_positions]
+
+
+def _cu_seqlens(text_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens over the flattened (B * L) tokens and the longest example, from (B, L) positions."""
+    batch, length = text_positions.shape
+    flat = text_positions.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    row_starts = torch.arange(batch, device=flat.device) * length
+    starts = torch.unique(torch.cat([starts, row_starts]))  # every row starts an example
+    cu = torch.cat([starts, torch.tensor([batch * length], device=flat.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, max_len
+
+
+class _SegmentCache:
+    """cu_seqlens computed once per forward: every layer receives the same position tensor object.
+
+    Holding a reference to that tensor keeps its memory from being reused, so identity is a safe key.
+    """
+
+    def __init__(self):
+        self.positions = None
+        self.value = None
+
+    def get(self, text_positions: torch.Tensor):
+        if text_positions is not self.positions:
+            self.positions, self.value = text_positions, _cu_seqlens(text_positions)
+        return self.value
+
+
+_CACHE = _SegmentCache()
+
+
+# ------------------------------------------------------------------------------- the attention op
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def causal_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
+    """Causal attention within each segment of `cu_seqlens`.
+
+    q (N, Hq, D), k/v (N, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (S + 1,) int32 -> (N, Hq, D).
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if (flash := _flash_varlen()) is not None:
+            return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+        if (varlen := _torch_varlen()) is not None:
+            params = inspect.signature(varlen).parameters
+            kwargs = {"scale": scale}
+            kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+            if k.shape[1] != q.shape[1]:
+                if "enable_gqa" in params:
+                    kwargs["enable_gqa"] = True
+                else:
+                    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return masked_causal_varlen_attention(q, k, v, cu_seqlens, scale)
+
+
+def masked_causal_varlen_attention(q, k, v, cu_seqlens, scale: float | None = None):
+    """The portable fallback: one sdpa call with a block-diagonal causal mask (same shapes as above)."""
+    n = q.shape[0]
+    positions = torch.arange(n, device=q.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(q.device).long(), positions, right=True)
+    mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             position_ids=None, **kwargs):
+    """AttentionInterface entry: query (B, Hq, L, D), key/value (B, Hkv, L, D) -> ((B, L, Hq, D), None)."""
+    if attention_mask is not None and not bool(attention_mask.all() if attention_mask.dtype == torch.bool else True):
+        raise ValueError("packed attention got an attention_mask that masks tokens: packed rows must not be padded")
+    batch, _, length, _ = query.shape
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("packed attention is for training (no KV cache): query and key lengths differ")
+    if position_ids is None:
+        position_ids = torch.arange(length, device=query.device).expand(batch, -1)
+    cu, max_len = _CACHE.get(position_ids)
+    if dropout and module.training:
+        raise ValueError("packed attention does not implement attention dropout")
+    flat = lambda t: t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])  # noqa: E731
+    out = causal_varlen_attention(flat(query), flat(key), flat(value), cu, max_len, scale=scaling)
+    return out.reshape(batch, length, query.shape[1], query.shape[3]), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # segments come from the position ids; the packed row holds no padding
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(ATTN_NAME, packed_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _no_mask)
+
+
+# ------------------------------------------------------------------------------- linear attention
+def _segmented_linear_attn_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    stock_forward = functools.partial(type(self).forward, self)
+    starts = getattr(self, "_vltrain_segment_starts", None)
+    if starts is None or all(len(row_starts) <= 1 for row_starts in starts):
+        return stock_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    # Several examples in a row: each runs alone. A cache (HF makes one even in training unless
+    # use_cache=False) is left untouched: its state after a packed row would mean nothing.
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("packed rows cannot continue from a KV cache")
+    rows = []
+    for row, row_starts in enumerate(starts):
+        bounds = row_starts.tolist() + [hidden_states.shape[1]]
+        pieces = [stock_forward(hidden_states[row : row + 1, a:b], cache=None, attention_mask=None, **kwargs)
+                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def _set_segments(language_model, args, kwargs):
+    """Forward pre-hook on the language model: tell each linear-attention layer where examples start."""
+    positions = kwargs.get("position_ids")
+    starts = None
+    if positions is not None and positions.ndim == 3 and positions.shape[0] == 4:
+        starts = segment_starts(positions[0])
+    for layer in language_model.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn._vltrain_segment_starts = starts
+
+
+def _patch_linear_attention(language_model) -> int:
+    patched = 0
+    for layer in language_model.layers:
+        module = getattr(layer, "linear_attn", None)
+        if module is None or getattr(module.__dict__.get("forward"), "__func__", None) is _segmented_linear_attn_forward:
+            continue
+        module.forward = types.MethodType(_segmented_linear_attn_forward, module)  # deepcopy rebinds it
+        patched += 1
+    if patched and not getattr(language_model, "_vltrain_segment_hook", False):
+        language_model.register_forward_pre_hook(_set_segments, with_kwargs=True)
+        language_model._vltrain_segment_hook = True
+    return patched
+
+
+# ------------------------------------------------------------------------------- entry
+def enable_packed_attention(model) -> list[str]:
+    """Make this instance's language model attend within packed examples only; returns what changed."""
+    from vltrain.families import family_spec, get_module
+
+    spec = family_spec(model)
+    register_packed_attention()
+    base = get_module(model, "")
+    done = []
+    if base.config.text_config._attn_implementation != ATTN_NAME:
+        vision_impl = base.config.vision_config._attn_implementation
+        base.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": vision_impl})
+        if base.config.text_config._attn_implementation != ATTN_NAME:
+            raise ValueError(f"could not set the text attention of {type(base).__name__} to {ATTN_NAME}")
+        done.append(f"packed attention: {spec.llm_module} -> {ATTN_NAME}")
+    if spec.linear_attention:
+        n = _patch_linear_attention(get_module(model, spec.llm_module))
+        if n:
+            done.append(f"packed attention: {n} gated-delta-net layers run once per example")
+    return done

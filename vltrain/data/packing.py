@@ -1,0 +1,164 @@
+"""Packing several Examples into one row, and micro-batches filled to a token budget.
+
+A packed micro-batch is ONE row with no padding:
+  input_ids, labels, mm_token_type_ids (1, L); position_ids (4, 1, L); media tensors concatenated in
+  example order (as the padding collator does); no attention_mask.
+position_ids row 0 holds text positions that restart at 0 for every example (this is how attention
+finds the examples: vltrain.attention), rows 1-3 the example's own mRoPE T/H/W ids, computed by the
+model class's `get_rope_index` on that example alone with its own image/video grids -- exactly the
+ids the model computes for the example unpacked. The first label of every example is -100, so no
+token is ever predicted from the previous example (it is -100 anyway: rows start with a system or
+user header).
+
+`TokenBudgetBatchSampler` yields index lists whose summed example lengths stay within
+`max_tokens`, instead of a fixed number of samples. It needs every example's length up front:
+`example_lengths(dataset)` encodes each example once (in DataLoader workers) and keeps only the length.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from vltrain.data.encode import IGNORE_INDEX
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+class RopeIndex:
+    """The model class's own `get_rope_index`, callable without the model's weights (in loader workers).
+
+    It only reads `self.config` and calls other plain methods of the inner model class, so it runs on
+    an empty instance of that class carrying the config.
+    """
+
+    def __init__(self, model_or_config):
+        config = getattr(model_or_config, "config", model_or_config)
+        from vltrain.families import family_spec
+
+        family_spec(config)
+        self.config = config
+        self.model_type = config.model_type
+        self._inner = None
+
+    def _inner_model(self):
+        if self._inner is None:
+            module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+            cls = next(getattr(module, name) for name in dir(module)
+                       if name.endswith("Model") and not name.endswith(("TextModel", "PreTrainedModel", "VisionModel"))
+                       and hasattr(getattr(module, name), "get_rope_index"))
+            inner = object.__new__(cls)  # no weights: get_rope_index needs only the config
+            inner.__dict__["config"] = self.config
+            self._inner = inner
+        return self._inner
+
+    def __getstate__(self):
+        return {"config": self.config, "model_type": self.model_type, "_inner": None}
+
+    def __call__(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(3, n) mRoPE ids of one example."""
+        kwargs = {k: example[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in example}
+        position_ids, _ = self._inner_model().get_rope_index(
+            example["input_ids"][None], example["mm_token_type_ids"][None], attention_mask=None, **kwargs
+        )
+        return position_ids[:, 0]
+
+
+def pack_examples(examples: list[dict[str, torch.Tensor]], rope_index: RopeIndex) -> dict[str, torch.Tensor]:
+    """Concatenate `examples` into one packed row (see the module docstring)."""
+    input_ids, labels, types, positions = [], [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        example_labels = e["labels"].clone()
+        example_labels[0] = IGNORE_INDEX  # never predict an example's first token from the previous example
+        input_ids.append(e["input_ids"])
+        labels.append(example_labels)
+        types.append(e["mm_token_type_ids"])
+        mrope = rope_index(e)
+        assert mrope.shape == (3, n), (mrope.shape, n)
+        positions.append(torch.cat([torch.arange(n)[None], mrope.to(torch.long)], dim=0))
+    batch = {
+        "input_ids": torch.cat(input_ids)[None],
+        "labels": torch.cat(labels)[None],
+        "mm_token_type_ids": torch.cat(types)[None],
+        "position_ids": torch.cat(positions, dim=1)[:, None],
+    }
+    for key in MEDIA_KEYS:
+        parts = [e[key] for e in examples if key in e]
+        if parts:
+            batch[key] = torch.cat(parts)
+    batch["num_skipped"] = sum(int(e.get("num_skipped", 0)) for e in examples)
+    return batch
+
+
+class PackCollator:
+    """Picklable `collate_fn`: every micro-batch becomes one packed row."""
+
+    def __init__(self, model_or_config):
+        self.rope_index = RopeIndex(model_or_config)
+
+    def __call__(self, examples):
+        return pack_examples(examples, self.rope_index)
+
+
+# --------------------------------------------------------------------------------------- token budget
+def example_lengths(dataset, num_workers: int = 0) -> list[int]:
+    """Token count of every example of `dataset` (each encoded once; media decoded in the workers)."""
+    loader = DataLoader(dataset, batch_size=16, num_workers=num_workers, collate_fn=_lengths)
+    return [n for chunk in loader for n in chunk]
+
+
+def _lengths(examples):
+    return [len(e["input_ids"]) for e in examples]
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Micro-batches of indices whose example lengths sum to at most `max_tokens`.
+
+    Indices are shuffled per epoch (seed + epoch) when `shuffle`, then cut greedily in that order:
+    a micro-batch closes when the next example would overflow the budget. An example longer than the
+    budget is a ValueError (make data.max_tokens_per_batch >= data.max_seq_length).
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0):
+        too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+        if too_long:
+            raise ValueError(f"{len(too_long)} example(s) are longer than max_tokens_per_batch={max_tokens} "
+                             f"(e.g. index {too_long[0]}: {lengths[too_long[0]]} tokens)")
+        self.lengths, self.max_tokens, self.shuffle, self.seed = list(lengths), max_tokens, shuffle, seed
+        self.epoch = 0
+        self._num_batches = len(self._batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        batches, current, used = [], [], 0
+        for i in order:
+            if current and used + self.lengths[i] > self.max_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.lengths[i]
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self):
+        batches = self._batches(self.epoch)
+        self._num_batches = len(batches)
+        self.epoch += 1  # a plain DataLoader never calls set_epoch; reshuffle anyway
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def mean_tokens_per_batch(self) -> float:
+        return sum(self.lengths) / max(1, self._num_batches) if self.lengths else math.nan
