@@ -49,8 +49,15 @@ class DataConfig:
     fps: float | None = None
     nframes: int | None = None
     num_workers: int = 2
+    # Pack each micro-batch into one row (vltrain.data.packing): no padding, attention within examples.
+    packing: bool = False
+    # Fill micro-batches up to this many tokens instead of train.micro_batch_size samples (None: off).
+    max_tokens_per_batch: int | None = None
 
     def validate(self) -> None:
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_seq_length:
+            raise ValueError(f"data.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= data.max_seq_length "
+                             f"({self.max_seq_length}) so that every example fits in a micro-batch")
         if self.fps is not None and self.nframes is not None:
             raise ValueError("data.fps and data.nframes cannot both be set: choose one way to sample video frames")
         for name in ("image", "video"):
