@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from loops.sft import train
 from vltrain.config import SFTConfig, dump_config, load_config
 from vltrain.data.dataset import PadCollator, SFTDataset
+from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
 from vltrain.data.formats import load_conversations
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
@@ -40,7 +41,8 @@ def setup(argv: list[str]) -> SFTConfig:
     return load_config(SFTConfig, path, argv)
 
 
-def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator):
+def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator, model_config=None):
+    """Train / eval DataLoaders; `model_config` (the model's config) is needed when data.packing is on."""
     data = cfg.data
     if data.train_path.startswith("synthetic:"):
         from vltrain.synthetic import write_shapes_dataset
@@ -55,9 +57,15 @@ def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator):
                           image_folder=data.image_folder, system_prompt=data.system_prompt)
 
     def loader(ds, shuffle):
-        return DataLoader(ds, batch_size=cfg.train.micro_batch_size, shuffle=shuffle, drop_last=False,
-                          num_workers=data.num_workers, collate_fn=PadCollator(processor.tokenizer.pad_token_id),
-                          persistent_workers=data.num_workers > 0)
+        collate = PackCollator(model_config) if data.packing else PadCollator(processor.tokenizer.pad_token_id)
+        common = dict(num_workers=data.num_workers, collate_fn=collate, persistent_workers=data.num_workers > 0)
+        if data.max_tokens_per_batch:
+            lengths = example_lengths(ds, data.num_workers)
+            sampler = TokenBudgetBatchSampler(lengths, data.max_tokens_per_batch, shuffle=shuffle, seed=cfg.train.seed)
+            print0(f"token budget {data.max_tokens_per_batch}: {len(ds)} samples -> {len(sampler)} micro-batches "
+                   f"of {sampler.mean_tokens_per_batch():.0f} tokens on average")
+            return DataLoader(ds, batch_sampler=sampler, **common)
+        return DataLoader(ds, batch_size=cfg.train.micro_batch_size, shuffle=shuffle, drop_last=False, **common)
 
     train_ds = dataset(data.train_path)
     eval_ds = dataset(data.eval_path) if data.eval_path else None
@@ -90,6 +98,10 @@ def main(cfg: SFTConfig) -> dict:
     else:
         model, processor = load_model(cfg.model)
     spec = family_spec(model)
+    if cfg.data.packing:
+        from vltrain.attention import enable_packed_attention
+
+        print0("; ".join(enable_packed_attention(model)))
     if cfg.model.kernels:
         from vltrain.kernels import apply_kernels
 
@@ -110,7 +122,7 @@ def main(cfg: SFTConfig) -> dict:
            ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
     media = MediaOptions.from_config(cfg.data, image_factor=spec.image_factor)
-    train_loader, eval_loader = build_data(cfg, processor, media, accelerator)
+    train_loader, eval_loader = build_data(cfg, processor, media, accelerator, model_config=model.config)
     print0(f"data: {len(train_loader.dataset)} train samples" +
            (f", {len(eval_loader.dataset)} eval samples" if eval_loader else ""))
     if accelerator.is_main_process:
