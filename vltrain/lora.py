@@ -73,11 +73,7 @@ def configure_trainable_for_lora(model, trainable_cfg) -> None:
     """`configure_trainable`, where "everything frozen" is fine: the adapters will train."""
     from vltrain.trainable import configure_trainable
 
-    try:
-        configure_trainable(model, trainable_cfg)
-    except ValueError as e:  # raised after the freezing was applied; only this message is expected
-        if "freeze every parameter" not in str(e):
-            raise
+    configure_trainable(model, trainable_cfg, adapters_follow=True)
 
 
 def _fully_trainable(module: torch.nn.Module) -> bool:

@@ -29,8 +29,10 @@ def _set(module: torch.nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def configure_trainable(model, cfg) -> dict[str, int]:
-    """Apply `TrainableConfig` to a plain (non-peft) model; returns trainable parameter counts per component."""
+def configure_trainable(model, cfg, *, adapters_follow: bool = False) -> dict[str, int]:
+    """Apply `TrainableConfig` to a plain (non-peft) model; returns trainable parameter counts per component.
+
+    Everything frozen is an error, unless `adapters_follow` (LoRA adds the trainable parameters next)."""
     spec = family_spec(model)
     visual = get_module(model, spec.vision_module)
     mergers = [get_module(model, m) for m in spec.merger_modules]
@@ -57,7 +59,7 @@ def configure_trainable(model, cfg) -> dict[str, int]:
         for block in blocks[-cfg.unfreeze_topk_vision:]:
             _set(block, True)
     counts = trainable_counts(model)
-    if sum(counts.values()) == 0:
+    if sum(counts.values()) == 0 and not adapters_follow:
         raise ValueError("the trainable.* settings freeze every parameter: nothing would train")
     return counts
 
