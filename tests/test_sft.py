@@ -141,3 +141,24 @@ def test_two_process_cpu_run_keeps_weights_in_sync(tmp_path, mixed_data):
     assert sums[0]["world_size"] == sums[1]["world_size"] == 2
     assert sums[0]["checksum"] == sums[1]["checksum"]
     assert sums[0]["losses"][-1] < sums[0]["losses"][0]
+
+
+def test_tensorboard_logs_train_and_periodic_eval_loss(tmp_path, mixed_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{
+        "train.report_to": "tensorboard", "train.max_steps": 4, "train.eval_every": 2,
+        "data.eval_path": str(mixed_data)})
+    summary = main(cfg)
+    assert [s for s, _ in summary["eval_losses"]] == [2, 4]
+    events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert events, "tensorboard writes into the output folder by default"
+    scalars = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.step for e in acc.Scalars(tag)]
+    assert scalars["loss"] == [1, 2, 3, 4]
+    assert scalars["eval_loss"] == [2, 4]
+    assert {"lr", "grad_norm", "tokens_per_s", "memory_gib"} <= set(scalars)
