@@ -124,8 +124,6 @@ def masked_causal_varlen_attention(q, k, v, cu_seqlens, scale: float | None = No
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              position_ids=None, **kwargs):
     """AttentionInterface entry: query (B, Hq, L, D), key/value (B, Hkv, L, D) -> ((B, L, Hq, D), None)."""
-    if attention_mask is not None and not bool(attention_mask.all() if attention_mask.dtype == torch.bool else True):
-        raise ValueError("packed attention got an attention_mask that masks tokens: packed rows must not be padded")
     batch, _, length, _ = query.shape
     if query.shape[2] != key.shape[2]:
         raise ValueError("packed attention is for training (no KV cache): query and key lengths differ")
@@ -139,8 +137,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.reshape(batch, length, query.shape[1], query.shape[3]), None
 
 
-def _no_mask(*args, **kwargs):
-    return None  # segments come from the position ids; the packed row holds no padding
+def _no_mask(*args, attention_mask=None, **kwargs):
+    """No mask tensor: segments come from the position ids, and a packed row holds no padding."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed attention got an attention_mask that masks tokens: packed rows must not be padded "
+                         "(use vltrain.data.packing.PackCollator, or a model without enable_packed_attention)")
+    return None
 
 
 def register_packed_attention() -> None:

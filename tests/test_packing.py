@@ -1,0 +1,217 @@
+"""Packing numerics on tiny models: a packed row computes exactly what its examples compute alone.
+
+CPU tests run in fp32 (atol 1e-5 on losses, 1e-4 on gradients) through the masked varlen fallback.
+GPU tests (`-m gpu`) run torch's varlen attention (or flash-attn) in bf16 with the tolerances stated.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from vltrain.attention import causal_varlen_attention, enable_packed_attention, masked_causal_varlen_attention
+from vltrain.data.dataset import PadCollator, SFTDataset
+from vltrain.data.media import MediaOptions
+from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
+from vltrain.families import family_spec
+from vltrain.tiny import build_tiny
+
+from conftest import FAMILIES, sft_config
+
+gpu = pytest.mark.gpu
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(model_type):
+    model, processor = build_tiny(model_type)
+    model.config.use_cache = False
+    return model.eval(), processor
+
+
+def _examples(model_type, processor, media_dir, mixed_data):
+    """text-only, one image, two images, one video: the four mixed records, encoded."""
+    media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
+                         video_max_pixels=64 * 64, nframes=4)
+    ds = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
+    examples = [ds[i] for i in range(len(ds))]
+    assert any("pixel_values_videos" in e for e in examples) and any("pixel_values" in e for e in examples)
+    return examples
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "num_skipped"}
+
+
+def _packed_and_stock(model_type, device="cpu", dtype=torch.float32):
+    model, processor = _tiny(model_type)
+    stock = copy.deepcopy(model).to(device=device, dtype=dtype)
+    packed = copy.deepcopy(stock)
+    enable_packed_attention(packed)
+    return stock, packed, processor
+
+
+def _to(batch, device, dtype):
+    return {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _per_example_vs_packed(model_type, media_dir, mixed_data, device="cpu", dtype=torch.float32):
+    stock, packed, processor = _packed_and_stock(model_type, device, dtype)
+    examples = _examples(model_type, processor, media_dir, mixed_data)
+    num_tokens = sum(int((e["labels"][1:] != -100).sum()) for e in examples)
+    pad = PadCollator(processor.tokenizer.pad_token_id)
+    ref = sum(stock(**_to(_inputs(pad([e])), device, dtype), num_items_in_batch=num_tokens).loss for e in examples)
+    ref.backward()
+    batch = _to(_inputs(PackCollator(stock)(examples)), device, dtype)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    loss = packed(**batch, num_items_in_batch=num_tokens).loss
+    loss.backward()
+    return ref, loss, stock, packed
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_packed_loss_and_gradients_equal_the_per_example_sum(model_type, media_dir, mixed_data):
+    """Four examples (text, image, two images, video) in one row == each alone, summed (global token mean)."""
+    ref, loss, stock, packed = _per_example_vs_packed(model_type, media_dir, mixed_data)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(stock.named_parameters(), packed.named_parameters()):
+        if a.grad is None:
+            assert b.grad is None or not b.grad.any(), name
+            continue
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_position_ids_per_example_equal_the_models_own(model_type, media_dir, mixed_data):
+    """Rows 1-3 of the packed ids, sliced per example, are what the model computes for it unpacked."""
+    model, processor = _tiny(model_type)
+    examples = _examples(model_type, processor, media_dir, mixed_data)
+    packed = PackCollator(model)(examples)["position_ids"]
+    assert packed.shape == (4, 1, sum(len(e["input_ids"]) for e in examples))
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    try:
+        start = 0
+        for e in examples:
+            n = len(e["input_ids"])
+            with torch.no_grad():
+                model(**_inputs(PadCollator(processor.tokenizer.pad_token_id)([e])))
+            own = seen.pop()
+            assert own.shape[-1] == n
+            torch.testing.assert_close(packed[1:, :, start:start + n], own.reshape(3, 1, n), atol=0, rtol=0)
+            torch.testing.assert_close(packed[0, 0, start:start + n], torch.arange(n), atol=0, rtol=0)
+            start += n
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_5"])
+def test_attention_never_crosses_examples(model_type, media_dir, mixed_data):
+    """Changing the second example's tokens changes its logits and nothing before it."""
+    _, packed, processor = _packed_and_stock(model_type)
+    examples = _examples(model_type, processor, media_dir, mixed_data)[:2]
+    other = [examples[0], dict(examples[1])]
+    other[1]["input_ids"] = examples[1]["input_ids"].clone()
+    text = (other[1]["mm_token_type_ids"] == 0).nonzero().flatten()
+    other[1]["input_ids"][text[5:]] = 7  # keep the header, change the rest of the text
+    collate = PackCollator(packed)
+    n0 = len(examples[0]["input_ids"])
+    with torch.no_grad():
+        a = packed(**_inputs(collate(examples))).logits[0]
+        b = packed(**_inputs(collate(other))).logits[0]
+    torch.testing.assert_close(a[:n0], b[:n0], atol=0, rtol=0)
+    assert (a[n0:] - b[n0:]).abs().max() > 1e-3
+
+
+def test_first_label_of_every_example_is_ignored():
+    examples = [{"input_ids": torch.arange(5), "labels": torch.arange(5), "mm_token_type_ids": torch.zeros(5, dtype=torch.long)}
+                for _ in range(3)]
+    model, _ = _tiny("qwen2_vl")
+    batch = PackCollator(model)(examples)
+    assert batch["labels"][0, [0, 5, 10]].tolist() == [-100] * 3
+    assert batch["labels"][0, [1, 6, 11]].tolist() == [1, 1, 1]
+    assert batch["position_ids"][0, 0].tolist() == list(range(5)) * 3
+
+
+def test_token_budget_sampler_respects_the_budget_and_covers_every_example():
+    lengths = [100, 900, 300, 300, 50, 1000, 20, 700, 400, 1]
+    sampler = TokenBudgetBatchSampler(lengths, 1000, shuffle=True, seed=3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert all(sum(lengths[i] for i in b) <= 1000 for b in batches)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert len(sampler) == len(batches)
+    assert [b for b in TokenBudgetBatchSampler(lengths, 1000, shuffle=False)][0] == [0, 1]
+    with pytest.raises(ValueError, match="longer than max_tokens_per_batch"):
+        TokenBudgetBatchSampler(lengths, 999)
+
+
+def test_token_budget_config_is_validated(tmp_path, mixed_data):
+    with pytest.raises(ValueError, match="data.max_tokens_per_batch"):
+        sft_config(tmp_path, "qwen2_vl", mixed_data, **{"data.max_tokens_per_batch": 100})
+
+
+def test_example_lengths_match_the_encoded_examples(media_dir, mixed_data):
+    _, processor = _tiny("qwen2_vl")
+    media = MediaOptions(image_factor=28, image_max_pixels=64 * 64 * 2, video_max_pixels=64 * 64, nframes=4)
+    ds = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
+    assert example_lengths(ds) == [len(ds[i]["input_ids"]) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("model_type,kernels", [("qwen2_5_vl", "[all]"), ("qwen3_5", "[]")])
+def test_sft_with_packing_and_token_budget_trains(model_type, kernels, tmp_path, mixed_data):
+    from recipes.sft import main
+
+    cfg = sft_config(tmp_path, model_type, mixed_data, **{
+        "data.packing": True, "data.max_tokens_per_batch": 1024, "train.max_steps": 12, "model.kernels": kernels})
+    summary = main(cfg)
+    assert summary["steps"] == 12 and summary["losses"][0] > 5.0
+    assert summary["final_loss"] < 0.6 * summary["losses"][0]
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_packing_with_padding_mask_is_refused():
+    _, packed, _ = _packed_and_stock("qwen2_vl")
+    ids = torch.randint(0, 400, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    with pytest.raises(ValueError, match="must not be padded"):
+        packed(input_ids=ids, attention_mask=mask)
+
+
+def test_masked_fallback_equals_per_segment_causal_sdpa():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    out = masked_causal_varlen_attention(q, k, v, cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).repeat_interleave(2, 0),
+            v[a:b].transpose(0, 1).repeat_interleave(2, 0), is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(out[a:b], ref, atol=1e-6, rtol=1e-5)
+
+
+@gpu
+def test_gpu_varlen_attention_matches_per_segment_sdpa():
+    """bf16, GQA 16/2 heads: torch varlen_attn (or flash-attn) vs sdpa per segment; bf16 rounding: atol 2e-2."""
+    torch.manual_seed(0)
+    lengths = [1, 300, 77, 1024, 5]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    n = sum(lengths)
+    q = torch.randn(n, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(n, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = causal_varlen_attention(q, k, v, cu, max(lengths), scale=128**-0.5)
+    ref = masked_causal_varlen_attention(q.float(), k.float(), v.float(), cu, scale=128**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_gpu_packed_loss_matches_per_example_in_bf16(model_type, media_dir, mixed_data):
+    """bf16 on CUDA through the fast varlen path: loss within 1e-2 relative of the per-example sum."""
+    ref, loss, _, _ = _per_example_vs_packed(model_type, media_dir, mixed_data, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(loss.float(), ref.float(), atol=2e-2, rtol=1e-2)
