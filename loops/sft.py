@@ -99,21 +99,25 @@ def evaluate(accelerator, model, loader) -> float:
     return (total / count.clamp(min=1)).item()
 
 
+def _eval_and_log(accelerator, model, loader, step: int) -> tuple[int, float]:
+    loss = evaluate(accelerator, model, loader)
+    accelerator.log({"eval_loss": loss}, step=step)
+    print0(f"eval step {step}: loss {loss:.4f}")
+    return step, loss
+
+
 def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) -> TrainResult:
     """Run SFT as configured by `cfg` (an SFTConfig); returns losses and where the export went."""
     tcfg = cfg.train
     ga = accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
-    steps_per_epoch = math.ceil(len(train_loader) / ga)  # len() of an unprepared loader = this rank's share
-    if accelerator.num_processes > 1 and not getattr(train_loader, "_vltrain_prepared", False):
-        steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / ga)
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_epochs * steps_per_epoch))
-
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=deepspeed_offloads_optimizer(accelerator))
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)  # stepped once per optimizer step by us
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / ga)  # a prepared loader's len() is this rank's share
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_epochs * steps_per_epoch))
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)  # not prepared: we step it once per step
 
     step, epoch, batch_index = 0, 0, 0
     resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
@@ -174,22 +178,19 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
                 "epoch": epoch,
             }
             accelerator.log(metrics, step=step)
-            bar.write(format_step(step, total_steps, metrics)) if accelerator.is_main_process else None
+            if accelerator.is_main_process:
+                bar.write(format_step(step, total_steps, metrics))
         bar.update(1)
 
         if eval_loader is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-            result.eval_losses.append((step, evaluate(accelerator, model, eval_loader)))
-            accelerator.log({"eval_loss": result.eval_losses[-1][1]}, step=step)
-            print0(f"eval step {step}: loss {result.eval_losses[-1][1]:.4f}")
+            result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, step))
         if tcfg.save_every and (step % tcfg.save_every == 0 or step == total_steps):
             save_checkpoint(accelerator, tcfg.output_dir, step, scheduler,
                             {"epoch": epoch, "next_batch": batch_index}, tcfg.save_total_limit)
     bar.close()
 
     if eval_loader is not None:
-        result.eval_losses.append((step, evaluate(accelerator, model, eval_loader)))
-        accelerator.log({"eval_loss": result.eval_losses[-1][1]}, step=step)
-        print0(f"eval step {step}: loss {result.eval_losses[-1][1]:.4f}")
+        result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, step))
     num_skipped = int(accelerator.reduce(torch.tensor(result.num_skipped, device=accelerator.device), "sum"))
     result.num_skipped = num_skipped
     if num_skipped:
