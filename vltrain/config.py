@@ -32,12 +32,9 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    train_path: str = ""  # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too
-    eval_path: str | None = None
-    image_folder: str | None = None  # relative media paths are resolved against this folder
-    max_seq_length: int = 32768
-    system_prompt: str | None = None  # default system turn; None keeps the chat template's default
+class MediaConfig:
+    """Image/video sizing and frame sampling, with the upstream's meaning (see vltrain.data.media)."""
+
     image_min_pixels: int | None = None
     image_max_pixels: int | None = None
     image_resized_width: int | None = None
@@ -46,8 +43,17 @@ class DataConfig:
     video_max_pixels: int | None = None
     video_resized_width: int | None = None
     video_resized_height: int | None = None
-    fps: float | None = None
+    fps: float | None = None  # None and no nframes: 2 frames per second
     nframes: int | None = None
+
+
+@dataclass
+class DataConfig(MediaConfig):
+    train_path: str = ""  # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too
+    eval_path: str | None = None
+    image_folder: str | None = None  # relative media paths are resolved against this folder
+    max_seq_length: int = 32768
+    system_prompt: str | None = None  # default system turn; None keeps the chat template's default
     num_workers: int = 2
     # Pack each micro-batch into one row (vltrain.data.packing): no padding, attention within examples.
     packing: bool = False

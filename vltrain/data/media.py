@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from transformers.video_utils import VideoMetadata
 
+from vltrain.config import MediaConfig
+
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -41,23 +43,15 @@ class MediaError(ValueError):
     """A media file is missing, unreadable or unusable; the message names the file."""
 
 
-@dataclass(frozen=True)
-class MediaOptions:
+@dataclass
+class MediaOptions(MediaConfig):
+    """The media settings of `data.*` plus the model's patch factor."""
+
     image_factor: int = 28  # patch_size*2: 28 for qwen2/2.5-vl, 32 for qwen3-vl/3.5
-    image_min_pixels: int | None = None
-    image_max_pixels: int | None = None
-    image_resized_width: int | None = None
-    image_resized_height: int | None = None
-    video_min_pixels: int | None = None
-    video_max_pixels: int | None = None
-    video_resized_width: int | None = None
-    video_resized_height: int | None = None
-    fps: float | None = None  # None and no nframes: qwen-vl-utils' 2.0
-    nframes: int | None = None
 
     @classmethod
-    def from_config(cls, data_cfg, image_factor: int) -> "MediaOptions":
-        names = [f for f in cls.__dataclass_fields__ if f != "image_factor"]
+    def from_config(cls, data_cfg: MediaConfig, image_factor: int) -> "MediaOptions":
+        names = [f.name for f in fields(MediaConfig)]
         return cls(image_factor=image_factor, **{name: getattr(data_cfg, name) for name in names})
 
 
