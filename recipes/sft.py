@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
@@ -25,6 +24,7 @@ from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
 from vltrain.data.formats import load_conversations
 from vltrain.data.media import MediaOptions
+from vltrain.distributed import accelerate_cpu_flag
 from vltrain.families import family_spec
 from vltrain.models import enable_gradient_checkpointing, load_model
 from vltrain.tracking import print0, setup_logging
@@ -74,7 +74,7 @@ def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator, mode
 
 def main(cfg: SFTConfig) -> dict:
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need it said explicitly
+        cpu=accelerate_cpu_flag(),  # multi-process CPU runs (gloo) need it said explicitly
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -90,9 +90,8 @@ def main(cfg: SFTConfig) -> dict:
         dump_config(cfg, output_dir / "config.yaml")
     print0("resolved config:\n" + (output_dir / "config.yaml").read_text() if accelerator.is_main_process else "")
 
-    from vltrain.lora import load_model_for_lora, validate_lora
+    from vltrain.lora import load_model_for_lora
 
-    validate_lora(cfg)
     if cfg.lora.enabled:
         model, processor = load_model_for_lora(cfg.model, cfg.lora, accelerator.device)  # 4/8-bit when lora.bits < 16
     else:

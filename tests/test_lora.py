@@ -13,7 +13,7 @@ from vltrain.config import LoraConfig, SFTConfig, TrainableConfig, load_config
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
-from vltrain.lora import apply_lora, configure_trainable_for_lora, load_adapter_strict, merge_adapter, validate_lora
+from vltrain.lora import apply_lora, configure_trainable_for_lora, load_adapter_strict, merge_adapter
 from vltrain.tiny import build_tiny
 
 from conftest import FAMILIES, REPO, write_image
@@ -158,7 +158,7 @@ def test_fully_trained_modules_sit_next_to_adapters(image_data):
 ])
 def test_bad_combinations_name_the_field(bad, message, tmp_path, image_data):
     with pytest.raises(ValueError, match=message):
-        validate_lora(lora_cfg(tmp_path, "qwen2_vl", image_data, **bad))
+        lora_cfg(tmp_path, "qwen2_vl", image_data, **bad)  # load_config validates
 
 
 @pytest.mark.parametrize("bits", [4, 8])

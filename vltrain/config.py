@@ -112,6 +112,38 @@ class LoraConfig:
     bits: Literal[16, 8, 4] = 16  # 4/8: QLoRA base weights via bitsandbytes
     merge_on_export: bool = False  # also write a merged full model next to the adapter
 
+    def validate(self, trainable: "TrainableConfig") -> None:
+        """Combinations that cannot mean what the user wants."""
+        lora = self  # reads as the config section it is
+        if not lora.enabled:
+            for name in ("use_dora", "vision_lora", "vision_lora_merger", "moe_experts", "merge_on_export"):
+                if getattr(lora, name):
+                    raise ValueError(f"lora.{name}=true needs lora.enabled=true")
+            if lora.bits != 16:
+                raise ValueError(f"lora.bits={lora.bits} (QLoRA) needs lora.enabled=true")
+            return
+        if lora.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {lora.rank}")
+        if not 0 <= lora.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+        if lora.moe_experts and lora.dropout:
+            raise ValueError("lora.moe_experts=true needs lora.dropout=0 (peft's adapters on fused expert weights have no dropout)")
+        if lora.moe_experts and lora.use_dora:
+            raise ValueError("lora.moe_experts=true cannot be combined with lora.use_dora=true (peft has no DoRA for fused expert weights)")
+        if not trainable.freeze_llm:
+            raise ValueError(
+                "lora.enabled=true trains the LLM through adapters: set trainable.freeze_llm=true "
+                "(trainable.unfreeze_topk_llm still trains the top layers fully)"
+            )
+        if lora.vision_lora and not trainable.freeze_vision_tower:
+            raise ValueError("lora.vision_lora=true needs trainable.freeze_vision_tower=true (adapters replace full training)")
+        if lora.vision_lora_merger and not lora.vision_lora:
+            raise ValueError("lora.vision_lora_merger=true needs lora.vision_lora=true")
+        if lora.vision_lora_merger and not trainable.freeze_merger:
+            raise ValueError("lora.vision_lora_merger=true needs trainable.freeze_merger=true (adapters replace full training)")
+        if lora.bits != 16 and not (trainable.freeze_llm and trainable.unfreeze_topk_llm == 0):
+            raise ValueError("lora.bits=4/8 quantizes the LLM: trainable.unfreeze_topk_llm must be 0 (4/8-bit weights cannot train)")
+
 
 @dataclass
 class OptimConfig:
@@ -175,6 +207,7 @@ class SFTConfig:
     def validate(self) -> None:
         for section in (self.data, self.trainable, self.optim, self.train):
             section.validate()
+        self.lora.validate(self.trainable)
         if not self.data.train_path and not self.model.name_or_path.startswith("tiny:"):
             raise ValueError("data.train_path is required")
 
