@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+
+def accelerate_cpu_flag() -> bool:
+    """`Accelerator(cpu=...)`: True without CUDA so a 2-process CPU launch really runs 2 gloo ranks --
+    except under a DeepSpeed launch, which accelerate silently turns into plain DDP when told cpu=True
+    (DeepSpeed picks its own CPU backend itself)."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return not torch.cuda.is_available() and not deepspeed
+
 
 def deepspeed_offloads_optimizer(accelerator) -> bool:
     """True under DeepSpeed with `offload_optimizer` on: the optimizer must then be DeepSpeed's CPU Adam."""
