@@ -24,7 +24,7 @@ from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
 from vltrain.data.formats import load_conversations
 from vltrain.data.media import MediaOptions
-from vltrain.distributed import accelerate_cpu_flag
+from vltrain.distributed import accelerate_cpu_flag, parameters_sharded
 from vltrain.families import family_spec
 from vltrain.models import enable_gradient_checkpointing, load_model
 from vltrain.tracking import print0, setup_logging
@@ -83,6 +83,9 @@ def main(cfg: SFTConfig) -> dict:
         project_dir=cfg.train.output_dir,
     )
     setup_logging(accelerator.is_main_process)
+    if cfg.train.eval_exact_match and parameters_sharded(accelerator):
+        raise ValueError("train.eval_exact_match generates on one process, which cannot work under ZeRO-3/FSDP "
+                         "sharding: set it to 0 and evaluate the export in final/ instead")
     set_seed(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:

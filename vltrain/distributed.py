@@ -22,3 +22,11 @@ def deepspeed_offloads_optimizer(accelerator) -> bool:
         return False
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def parameters_sharded(accelerator) -> bool:
+    """True under ZeRO-3 or FSDP: no single rank holds the full weights (generation needs all ranks)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        return True
+    return getattr(accelerator.state, "fsdp_plugin", None) is not None
