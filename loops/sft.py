@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vltrain.checkpoint import export_model, load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.data.encode import IGNORE_INDEX
-from vltrain.distributed import deepspeed_offloads_optimizer
+from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto_buckets
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.tracking import format_step, peak_memory_gib, print0
 from vltrain.vision import batch_has_media, dummy_vision_loss
@@ -63,22 +63,27 @@ class TrainResult:
     export_dir: Path | None = None
 
 
-def _batches(loader, start_epoch: int, skip: int):
-    """Endless (epoch, index, batch) over `loader`, starting `skip` batches into `start_epoch`."""
+def _batches(accelerator, loader, start_epoch: int, skip: int):
+    """Endless (epoch, index, batch) over `loader`, starting `skip` batches into `start_epoch`.
+
+    The skipped batches are dropped at the sampler (never loaded or decoded); the epoch is set first,
+    so the resumed epoch has the same order as the straight run's."""
     epoch = start_epoch
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        iterator, index = iter(loader), 0
+        loader.set_epoch(epoch)
+        source, index = loader, 0
+        if epoch == start_epoch and skip:
+            source, index = accelerator.skip_first_batches(loader, skip), skip
+        # Data loading never draws from the training RNG (a new DataLoader iterator does, for its
+        # worker seed): a resumed run's dropout then matches the straight run's exactly.
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(source)
         while True:
-            # Data loading never draws from the training RNG (a new DataLoader iterator does, for its
-            # worker seed): a resumed run's dropout then matches the straight run's exactly.
             with torch.random.fork_rng(devices=[]):
                 batch = next(iterator, None)
             if batch is None:
                 break
-            if epoch > start_epoch or index >= skip:
-                yield epoch, index, batch
+            yield epoch, index, batch
             index += 1
         epoch += 1
 
@@ -112,6 +117,7 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
     ga = accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=deepspeed_offloads_optimizer(accelerator))
+    fill_deepspeed_auto_buckets(accelerator, model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -136,7 +142,7 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
                f"params {sum(p.numel() for p in group['params']):,}")
 
     result = TrainResult(step=step)
-    batches = _batches(train_loader, epoch, batch_index)
+    batches = _batches(accelerator, train_loader, epoch, batch_index)
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="sft", dynamic_ncols=True)
     model.train()
     while step < total_steps:
