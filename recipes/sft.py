@@ -36,7 +36,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 def setup(argv: list[str]) -> SFTConfig:
     """argv: an optional YAML path, then `section.field=value` overrides."""
     path = DEFAULT_CONFIG
-    if argv and not ("=" in argv[0] and not argv[0].endswith((".yaml", ".yml"))):
+    if argv and "=" not in argv[0]:
         path, argv = Path(argv[0]), argv[1:]
     return load_config(SFTConfig, path, argv)
 
@@ -91,7 +91,7 @@ def main(cfg: SFTConfig) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "config.yaml")
-    print0("resolved config:\n" + (output_dir / "config.yaml").read_text() if accelerator.is_main_process else "")
+        print0("resolved config:\n" + (output_dir / "config.yaml").read_text())
 
     from vltrain.lora import load_model_for_lora
 

@@ -45,3 +45,16 @@ def test_dump_and_reload_roundtrip(tmp_path):
     cfg = load_config(SFTConfig, None, ["data.train_path=x.json", "optim.vision_lr=2e-6", "train.seed=3"])
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(SFTConfig, tmp_path / "c.yaml") == cfg
+
+
+def test_recipe_argv_parsing(tmp_path):
+    from recipes.sft import DEFAULT_CONFIG, setup
+
+    assert setup([]) == load_config(SFTConfig, DEFAULT_CONFIG)
+    assert setup(["train.max_steps=3"]).train.max_steps == 3
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train_path: x.json\ntrain:\n  seed: 5\n")
+    cfg = setup([str(path), "train.seed=6"])
+    assert cfg.train.seed == 6 and cfg.data.train_path == "x.json"
+    with pytest.raises(ValueError, match="does not exist"):
+        setup([str(tmp_path / "missing.yaml")])
