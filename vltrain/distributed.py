@@ -30,3 +30,22 @@ def parameters_sharded(accelerator) -> bool:
     if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         return True
     return getattr(accelerator.state, "fsdp_plugin", None) is not None
+
+
+def fill_deepspeed_auto_buckets(accelerator, model) -> None:
+    """Fill DeepSpeed's hidden-size-based `auto` entries (bucket sizes, ZeRO-3 persistence threshold) the way
+    accelerate does, but from the language model's hidden size: accelerate looks for `model.config.hidden_size`,
+    which a Qwen-VL config keeps in `text_config`, and otherwise refuses to prepare the model."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = getattr(model, "config", None)
+    if config is None or hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
+        return  # accelerate fills them itself
+    hidden = config.get_text_config().hidden_size
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    values = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+              "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in values.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
