@@ -22,9 +22,9 @@ from loops.sft import train
 from vltrain.config import SFTConfig, dump_config, load_config
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
-from vltrain.data.formats import load_conversations
+from vltrain.data.formats import DataFormatError, load_conversations
 from vltrain.data.media import MediaOptions
-from vltrain.distributed import accelerate_cpu_flag, parameters_sharded
+from vltrain.distributed import accelerator_device_kwargs, parameters_sharded
 from vltrain.families import family_spec
 from vltrain.models import enable_gradient_checkpointing, load_model
 from vltrain.tracking import print0, setup_logging
@@ -74,7 +74,7 @@ def build_data(cfg: SFTConfig, processor, media: MediaOptions, accelerator, mode
 
 def main(cfg: SFTConfig) -> dict:
     accelerator = Accelerator(
-        cpu=accelerate_cpu_flag(),  # multi-process CPU runs (gloo) need it said explicitly
+        **accelerator_device_kwargs(),  # CPU gloo runs (plain and DeepSpeed) need it said explicitly
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -166,4 +166,7 @@ if __name__ == "__main__":
         config = setup(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"config error: {e}")
-    main(config)
+    try:
+        main(config)
+    except DataFormatError as e:  # a malformed record: its file, sample and field, not a traceback
+        sys.exit(f"data error: {e}")

@@ -58,3 +58,25 @@ def test_recipe_argv_parsing(tmp_path):
     assert cfg.train.seed == 6 and cfg.data.train_path == "x.json"
     with pytest.raises(ValueError, match="does not exist"):
         setup([str(tmp_path / "missing.yaml")])
+
+
+def test_recipe_reports_bad_config_and_bad_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "broken", "image": ["a.png", "b.png"], "conversations": '
+                   '[{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]')
+    runs = {
+        "config": ["optim.lr=abc"],
+        "data": [f"data.train_path={bad}", f"train.output_dir={tmp_path / 'out'}", "train.report_to=none"],
+    }
+    for kind, args in runs.items():
+        proc = subprocess.run([sys.executable, "recipes/sft.py", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{kind} error:") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sample 0 (id='broken')" in last and "placeholders" in last
