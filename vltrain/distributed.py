@@ -7,12 +7,18 @@ import os
 import torch
 
 
-def accelerate_cpu_flag() -> bool:
-    """`Accelerator(cpu=...)`: True without CUDA so a 2-process CPU launch really runs 2 gloo ranks --
-    except under a DeepSpeed launch, which accelerate silently turns into plain DDP when told cpu=True
-    (DeepSpeed picks its own CPU backend itself)."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return not torch.cuda.is_available() and not deepspeed
+def accelerator_device_kwargs() -> dict:
+    """Device arguments for `Accelerator(...)`. Without CUDA, `cpu=True` so a 2-process CPU launch really
+    runs 2 gloo ranks -- except under a DeepSpeed launch: accelerate turns `cpu=True` into plain DDP
+    (silently), and with `cpu=False` and no CUDA it finds no backend and gives every rank
+    num_processes=1, process_index=0 (unsharded data, every rank "main"). Naming gloo fixes both."""
+    if torch.cuda.is_available():
+        return {"cpu": False}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
 
 
 def deepspeed_offloads_optimizer(accelerator) -> bool:
