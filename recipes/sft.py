@@ -109,10 +109,10 @@ def main(cfg: SFTConfig) -> dict:
 
         print0("kernels: " + "; ".join(apply_kernels(model, cfg.model.kernels)))
     if cfg.lora.enabled:
-        from vltrain.lora import apply_lora, configure_trainable_for_lora
+        from vltrain.lora import apply_lora
         from vltrain.trainable import trainable_counts
 
-        configure_trainable_for_lora(model, cfg.trainable)  # what trains fully; adapters go on the rest
+        configure_trainable(model, cfg.trainable, adapters_follow=True)  # what trains fully; adapters go on the rest
         model = apply_lora(model, cfg.lora, base_name=cfg.model.name_or_path)
         counts = trainable_counts(model)
     else:

@@ -13,7 +13,8 @@ from vltrain.config import LoraConfig, SFTConfig, TrainableConfig, load_config
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
-from vltrain.lora import apply_lora, configure_trainable_for_lora, load_adapter_strict, merge_adapter
+from vltrain.lora import apply_lora, load_adapter_strict, merge_adapter
+from vltrain.trainable import configure_trainable
 from vltrain.tiny import build_tiny
 
 from conftest import FAMILIES, REPO, write_image
@@ -86,7 +87,7 @@ VARIANTS = {  # DoRA rides on the vision-LoRA run to keep the suite fast: one ru
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_only_intended_parameters_train(model_type, variant, image_data):
     model, processor = build_tiny(model_type)
-    configure_trainable_for_lora(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True))
+    configure_trainable(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True), adapters_follow=True)
     model = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8, dropout=0.0, **VARIANTS[variant]))
     before = _snapshot(model)
     _train_steps(model, processor, image_data)
@@ -109,7 +110,7 @@ def test_only_intended_parameters_train(model_type, variant, image_data):
 
 def test_moe_expert_adapters_train():
     model, _ = build_tiny("qwen3_vl_moe")
-    configure_trainable_for_lora(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True))
+    configure_trainable(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True), adapters_follow=True)
     model = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8, dropout=0.0, moe_experts=True))
     expert = [n for n, p in model.named_parameters() if p.requires_grad and ".experts." in n]
     assert expert, "no adapters on the fused expert weights"
@@ -125,7 +126,7 @@ def test_moe_expert_adapters_train():
 
 def test_target_selection_options():
     model, _ = build_tiny("qwen2_5_vl")
-    configure_trainable_for_lora(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True))
+    configure_trainable(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True), adapters_follow=True)
     from vltrain.lora import lora_target_modules
 
     all_targets = lora_target_modules(model, LoraConfig(enabled=True))
@@ -139,7 +140,7 @@ def test_target_selection_options():
 
 def test_fully_trained_modules_sit_next_to_adapters(image_data):
     model, processor = build_tiny("qwen2_vl")
-    configure_trainable_for_lora(model, TrainableConfig(freeze_llm=True, unfreeze_topk_llm=1))
+    configure_trainable(model, TrainableConfig(freeze_llm=True, unfreeze_topk_llm=1), adapters_follow=True)
     model = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     # the vision tower, the merger and the top LLM layer train fully; adapters only on layer 0
@@ -250,7 +251,7 @@ def test_merge_rejects_a_key_that_does_not_match(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, processor = build_tiny("qwen2_vl")
-    configure_trainable_for_lora(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True))
+    configure_trainable(model, TrainableConfig(freeze_llm=True, freeze_vision_tower=True, freeze_merger=True), adapters_follow=True)
     model = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8), base_name="tiny:qwen2_vl")
     model.save_pretrained(tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter_model.safetensors"

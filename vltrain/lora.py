@@ -1,7 +1,7 @@
 """LoRA / DoRA / QLoRA through peft, for every family in `vltrain.families`.
 
     model, processor = load_model_for_lora(cfg.model, cfg.lora, device)   # 4/8-bit base when lora.bits < 16
-    configure_trainable_for_lora(model, cfg.trainable)                    # what trains *fully*
+    configure_trainable(model, cfg.trainable, adapters_follow=True)       # what trains *fully*
     model = apply_lora(model, cfg.lora, base_name=cfg.model.name_or_path) # adapters on the rest
 
 Targets come from the family table: the LLM's attention + MLP linears (`llm_lora_regex`), plus the
@@ -34,15 +34,7 @@ log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-# ------------------------------------------------------------------------------------ validation
 # --------------------------------------------------------------------------------------- targets
-def configure_trainable_for_lora(model, trainable_cfg) -> None:
-    """`configure_trainable`, where "everything frozen" is fine: the adapters will train."""
-    from vltrain.trainable import configure_trainable
-
-    configure_trainable(model, trainable_cfg, adapters_follow=True)
-
-
 def _fully_trainable(module: torch.nn.Module) -> bool:
     params = list(module.parameters())
     return bool(params) and all(p.requires_grad for p in params)
