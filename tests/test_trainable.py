@@ -86,3 +86,12 @@ def test_gradient_checkpointing_gives_vision_blocks_real_gradients(model_type):
     block_grads = [p.grad for p in model.model.visual.blocks.parameters()]
     assert all(g is not None for g in block_grads)
     assert sum(g.abs().sum() for g in block_grads) > 0
+
+
+def test_checkpoint_every_n_layers():
+    model, _ = build_tiny("qwen2_5_vl")
+    enable_gradient_checkpointing(model, every_n_layers=2)
+    flags = [layer.gradient_checkpointing for layer in model.model.language_model.layers]
+    assert flags == [True, False]
+    with pytest.raises(ValueError, match="checkpoint_every_n_layers"):
+        enable_gradient_checkpointing(build_tiny("qwen2_vl")[0], every_n_layers=0)

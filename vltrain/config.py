@@ -27,6 +27,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute only every n-th layer (1 = all), trading memory for speed.
+    checkpoint_every_n_layers: int = 1
     # Kernels applied to the loaded instance (see vltrain.kernels); empty = the stock model.
     kernels: list[str] = field(default_factory=list)
 

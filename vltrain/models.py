@@ -47,11 +47,17 @@ def load_model(model_cfg, **from_pretrained_kwargs):
     return model, processor
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, every_n_layers: int = 1) -> None:
     """Non-reentrant checkpointing: unfrozen vision blocks get real gradients even when the block inputs
-    (pixel patches) do not require grad, which the reentrant variant silently drops."""
+    (pixel patches) do not require grad, which the reentrant variant silently drops.
+    `every_n_layers` > 1 recomputes only every n-th layer (transformers >= 5.23)."""
+    if every_n_layers < 1:
+        raise ValueError(f"model.checkpoint_every_n_layers must be >= 1, got {every_n_layers}")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError("model.checkpoint_every_n_layers > 1 needs transformers >= 5.23")
     model.config.use_cache = False
