@@ -250,7 +250,7 @@ def micro_batches(path, examples, model, args):
     return batches
 
 
-def prepare_model(model, path, mode, gc_on):
+def prepare_model(model, path, mode, gc_every):
     from vltrain.families import family_spec
 
     if path == "vltrain":
@@ -267,24 +267,44 @@ def prepare_model(model, path, mode, gc_on):
         spec = family_spec(model)
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
                                                  target_modules=spec.llm_lora_regex()))
-    if gc_on:
+    if gc_every:
         from vltrain.models import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, every_n_layers=gc_every)
     return model
+
+
+def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None:
+    """One warm step, then one step under torch.profiler; the top CUDA ops go to `out_path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        for b in batches:
+            model(**b, num_items_in_batch=num_tokens).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
+        step()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    Path(out_path).write_text(table)
+    print(table[:6000])
 
 
 def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
-    gc_on = gcs == "gc1"
-    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_on}
+    gc_every = int(gcs[2:])  # gc0: off, gc1: every layer, gcN: every N-th layer
+    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every}
     torch.manual_seed(0)
     model = None
     try:
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
-        model = prepare_model(model, path, mode, gc_on)
+        model = prepare_model(model, path, mode, gc_every)
         model.train()
         batches = micro_batches(path, examples, model, args)
         real = sum(len(e["input_ids"]) for e in examples)
@@ -300,6 +320,8 @@ def run_one(spec: str, args, device, ceiling) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, losses = [], []
+        if args.profile and path == "vltrain":
+            profile_step(model, batches, num_tokens, opt, params, args.profile)
         for step in range(args.warmup + args.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -347,6 +369,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of one vltrain step here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceiling = matmul_ceiling(device)
