@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import functools
 
+import json
+
 import pytest
 import torch
 
@@ -215,3 +217,20 @@ def test_gpu_packed_loss_matches_per_example_in_bf16(model_type, media_dir, mixe
     """bf16 on CUDA through the fast varlen path: loss within 1e-2 relative of the per-example sum."""
     ref, loss, _, _ = _per_example_vs_packed(model_type, media_dir, mixed_data, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(loss.float(), ref.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_resume_with_packing_and_token_budget_gives_the_same_losses(tmp_path, mixed_data):
+    import shutil
+
+    from recipes.sft import main
+
+    cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{
+        "data.packing": True, "data.max_tokens_per_batch": 160, "data.max_seq_length": 160,
+        "train.max_steps": 6, "train.save_every": 3, "train.save_total_limit": 3})
+    straight = main(cfg)["losses"]
+    assert json.loads((tmp_path / "out" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())[
+        "next_batch"] > 0, "the resume point must be inside an epoch"
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / "step_000006")
+    cfg.train.resume = "auto"
+    resumed = main(cfg)["losses"]
+    assert resumed == straight[3:]
