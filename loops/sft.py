@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vltrain.checkpoint import export_model, load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.data.encode import IGNORE_INDEX
-from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto_buckets
+from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.tracking import format_step, peak_memory_gib, print0
 from vltrain.vision import batch_has_media, dummy_vision_loss
@@ -48,10 +48,18 @@ def sft_loss(model, batch: dict, num_tokens: torch.Tensor | int) -> torch.Tensor
     the vision tower on a dummy input (times zero) so every rank uses every vision parameter.
     """
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-    loss = model(**inputs, num_items_in_batch=num_tokens).loss
-    if not batch_has_media(batch):
-        loss = loss + dummy_vision_loss(getattr(model, "module", model))
-    return loss
+    if batch_has_media(batch):
+        return model(**inputs, num_items_in_batch=num_tokens).loss
+    # The dummy pass runs right after the token embeddings and its zero joins them, as real vision
+    # features do: gradients then become ready in the same order on every rank, which ZeRO-2's
+    # gradient buckets assume (added at the loss, text-only and media ranks reduced different buckets).
+    unwrapped = getattr(model, "module", model)
+    handle = unwrapped.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out + dummy_vision_loss(unwrapped).to(out.dtype))
+    try:
+        return model(**inputs, num_items_in_batch=num_tokens).loss
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -117,7 +125,7 @@ def train(cfg, accelerator, model, processor, train_loader, eval_loader=None) ->
     ga = accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=deepspeed_offloads_optimizer(accelerator))
-    fill_deepspeed_auto_buckets(accelerator, model)
+    fill_deepspeed_auto(accelerator, model, cfg.optim.max_grad_norm)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)

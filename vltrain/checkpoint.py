@@ -94,6 +94,7 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
     # DeepSpeed writes its own engine checkpoint; leave frozen (base) weights out of it too.
     kwargs = {"exclude_frozen_parameters": True} if accelerator.distributed_type == "DEEPSPEED" else {}
     accelerator.save_state(str(tmp), **kwargs)
+    accelerator.wait_for_everyone()  # every rank writes into tmp (RNG states; DeepSpeed's shards) before the rename
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler_vltrain.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))

@@ -38,18 +38,26 @@ def parameters_sharded(accelerator) -> bool:
     return getattr(accelerator.state, "fsdp_plugin", None) is not None
 
 
-def fill_deepspeed_auto_buckets(accelerator, model) -> None:
-    """Fill DeepSpeed's hidden-size-based `auto` entries (bucket sizes, ZeRO-3 persistence threshold) the way
-    accelerate does, but from the language model's hidden size: accelerate looks for `model.config.hidden_size`,
-    which a Qwen-VL config keeps in `text_config`, and otherwise refuses to prepare the model."""
+def fill_deepspeed_auto(accelerator, model, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed `auto` entries accelerate would get wrong for us: the hidden-size-based ones
+    (bucket sizes, ZeRO-3 persistence threshold) from the language model's hidden size -- accelerate looks
+    for `model.config.hidden_size`, which a Qwen-VL config keeps in `text_config`, and otherwise refuses
+    to prepare -- and `gradient_clipping` from `optim.max_grad_norm` (accelerate fills in 1.0, and under
+    DeepSpeed `accelerator.clip_grad_norm_` only reports the norm: the engine clips)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
+    ds = plugin.deepspeed_config
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(max_grad_norm or 0.0)
+    elif float(ds["gradient_clipping"]) != float(max_grad_norm or 0.0):
+        raise ValueError(f"the DeepSpeed config's gradient_clipping={ds['gradient_clipping']} contradicts "
+                         f"optim.max_grad_norm={max_grad_norm}: set it to \"auto\"")
     config = getattr(model, "config", None)
     if config is None or hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
         return  # accelerate fills them itself
     hidden = config.get_text_config().hidden_size
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    zero = ds.get("zero_optimization", {})
     values = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
               "stage3_param_persistence_threshold": 10 * hidden}
     for key, value in values.items():

@@ -69,7 +69,7 @@ def trainable_counts(model) -> dict[str, int]:
     counts = {"llm": 0, "vision": 0, "merger": 0}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            counts[param_component(name, spec)] += p.numel()
+            counts[param_component(name, spec)] += getattr(p, "ds_numel", p.numel())  # ZeRO-3: p is a stub
     return counts
 
 
@@ -79,7 +79,7 @@ def _no_decay_names(model) -> set[str]:
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname
-            if p.ndim < 2 or isinstance(module, torch.nn.Embedding) or "norm" in module_name.rsplit(".", 1)[-1]:
+            if len(getattr(p, "ds_shape", p.shape)) < 2 or isinstance(module, torch.nn.Embedding) or "norm" in module_name.rsplit(".", 1)[-1]:
                 names.add(full)
     return names
 
