@@ -19,6 +19,8 @@ from vltrain.families import FAMILIES
 from vltrain.kernels import KERNELS, applicable_kernels, apply_kernels
 from vltrain.kernels.fused_ce import chunked_linear_cross_entropy_sum
 from vltrain.kernels.patch_embed import PatchLinear
+from vltrain.kernels.rms_norm import RMS_NORMS, _modeling_class, count_rms_norms, verify_rms_norm_math
+from vltrain.kernels.swiglu import swiglu_mlps
 from vltrain.kernels.vision_varlen import masked_varlen_attention
 from vltrain.tiny import build_tiny
 
@@ -194,6 +196,58 @@ def test_window_attention_matches_stock_on_images_of_different_sizes():
     assert_same_loss_and_grads(stock, patched, batch)
 
 
+# --- rms_norm and swiglu: what they patch, and the math they assume ----------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_rms_norm_and_swiglu_patch_every_instance_and_no_other_module(family):
+    _, patched, _ = _fresh(family)
+    num_norms = count_rms_norms(patched, family)
+    mlps = swiglu_mlps(patched, family)
+    entries = apply_kernels(patched, ["rms_norm", "swiglu"] if mlps else ["rms_norm"])
+    assert sum(int(e.split(" x")[1].split()[0]) for e in entries) == num_norms + len(mlps)
+    patched_modules = {id(m) for m in patched.modules() if "forward" in m.__dict__}
+    assert len(patched_modules) == num_norms + len(mlps)
+    for module in patched.modules():
+        name = type(module).__name__
+        if "Gated" in name or isinstance(module, torch.nn.LayerNorm) or "Experts" in name:
+            assert id(module) not in patched_modules, name
+    if family.startswith("qwen3"):  # q_norm / k_norm over the head dim are RMSNorms too
+        attn = next(m for m in patched.modules() if hasattr(m, "q_norm"))
+        assert "forward" in attn.q_norm.__dict__ and "forward" in attn.k_norm.__dict__
+    if family == "qwen2_5_vl":  # its vision tower uses RMSNorm and a SwiGLU MLP
+        block = patched.model.visual.blocks[0]
+        assert "forward" in block.norm1.__dict__ and "forward" in block.mlp.__dict__
+        assert "forward" in patched.model.visual.merger.ln_q.__dict__
+    if family == "qwen3_5_moe":
+        assert all(type(m).__name__ == "Qwen3_5MoeMLP" for m in mlps)
+        assert all(m is layer.mlp.shared_expert for m, layer in zip(mlps, patched.model.language_model.layers))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_rms_norm_math_is_verified_against_the_class(family):
+    for class_name, eps_attr, mode, offset in RMS_NORMS[family]:
+        cls = _modeling_class(family, class_name)
+        verify_rms_norm_math(cls, eps_attr, mode, offset)  # the mode the kernel uses: passes
+        wrong_mode, wrong_offset = ("gemma", 1.0) if mode == "llama" else ("llama", 0.0)
+        with pytest.raises(ValueError, match="no longer computes"):
+            verify_rms_norm_math(cls, eps_attr, wrong_mode, wrong_offset)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_rms_norm_and_swiglu_match_stock_with_random_norm_weights(family):
+    """Norm weights at init are 1 (or 0 for Qwen3.5's 1 + w): randomise them so they matter."""
+    stock, patched, processor = _fresh(family)
+    with torch.no_grad():
+        for model in (stock, patched):
+            gen = torch.Generator().manual_seed(1)
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (0 if family == "qwen3_5" else 1))
+    apply_kernels(patched, ["rms_norm", "swiglu"])
+    assert_same_loss_and_grads(stock, patched, image_batch(processor))
+
+
 # --- instance-only, idempotent, strict ---------------------------------------------------------------
 
 
@@ -230,7 +284,7 @@ def test_idempotent():
     assert apply_kernels(patched, ["fused_linear_ce", "patch_embed_linear"]) == first
     assert patched.forward.__func__ is forward.__func__
     assert patched.model.visual.blocks[0].attn.forward.__func__ is attn_forward.__func__
-    assert len(first) == 4 and all(":" in entry for entry in first)
+    assert len(first) == 7 and all(":" in entry for entry in first)  # rms_norm 1 class, swiglu 2 classes
 
 
 def test_deepcopy_of_patched_model_is_patched_and_independent():
@@ -250,7 +304,11 @@ def test_unknown_or_inapplicable_kernel_raises():
     assert not hasattr(patched, "_vltrain_kernels")
     assert apply_kernels(patched, ["vision_window_varlen"], strict=False) == []
     assert [e.split(":")[0] for e in apply_kernels(patched, ["all"])] == [
-        "fused_linear_ce", "fused_linear_ce", "patch_embed_linear"]
+        "fused_linear_ce", "fused_linear_ce", "patch_embed_linear", "rms_norm", "swiglu"]
+    _, moe, _ = _fresh("qwen3_vl_moe")  # every LLM layer is MoE, vision MLPs are GELU: no SwiGLU MLP
+    assert "swiglu" not in applicable_kernels(moe)
+    with pytest.raises(ValueError, match="does not apply"):
+        apply_kernels(moe, ["swiglu"])
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -299,3 +357,77 @@ def test_gpu_bf16_window_attention_matches_stock():
     outs = [m.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
             for m in (stock, patched)]
     assert _rel_err(outs[1], outs[0]) < 2e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_bf16_rms_norm_op_matches_stock(family):
+    """bf16, 4096 x 2048 rows through one norm of the family's class, random weights. Tolerance: output,
+    input gradient and weight gradient each within 1% relative L2 error of the stock class forward
+    (liger's reductions run in a different order; the weight gradient is accumulated in fp32)."""
+    pytest.importorskip("liger_kernel")
+    class_name, eps_attr, _, _ = RMS_NORMS[family][0]
+    cls = _modeling_class(family, class_name)
+    torch.manual_seed(0)
+    stock = cls(2048, eps=1e-6).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        stock.weight.normal_(0.0 if family.startswith("qwen3_5") else 1.0, 0.3)
+    patched = copy.deepcopy(stock)
+    from vltrain.kernels.rms_norm import patch_rms_norm
+
+    assert patch_rms_norm(patched, family) and "forward" in patched.__dict__
+    x = (torch.randn(4096, 2048, device="cuda") * 2).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    results = []
+    for module in (stock, patched):
+        xi = x.clone().requires_grad_(True)
+        module.weight.grad = None
+        y = module(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, module.weight.grad))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype
+        assert _rel_err(got, want) < 1e-2
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_swiglu_op_matches_stock():
+    """bf16 Qwen2.5-VL vision MLP (bias) and LLM MLP, 4096 rows: output and every gradient within 1%
+    relative L2 error (liger rounds silu(a) * b once, the stock path twice)."""
+    pytest.importorskip("liger_kernel")
+    from vltrain.kernels.swiglu import patch_swiglu
+
+    stock, patched, processor = _fresh("qwen2_5_vl", dtype=torch.bfloat16, device="cuda")
+    patch_swiglu(patched, "qwen2_5_vl")
+    for path in ("model.visual.blocks.0.mlp", "model.language_model.layers.0.mlp"):
+        mlps = [m.get_submodule(path) for m in (stock, patched)]
+        assert "forward" in mlps[1].__dict__
+        x = torch.randn(4096, mlps[0].gate_proj.in_features, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for mlp in mlps:
+            xi = x.clone().requires_grad_(True)
+            mlp.zero_grad(set_to_none=True)
+            y = mlp(xi)
+            y.square().sum().backward()
+            outs.append([y, xi.grad] + [p.grad for p in mlp.parameters()])
+        for got, want in zip(outs[1], outs[0]):
+            assert _rel_err(got, want) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_bf16_rms_norm_swiglu_match_stock(family):
+    """Whole tiny model, bf16, only these two kernels: loss within 1e-2 absolute, each gradient within
+    3% relative L2 error."""
+    pytest.importorskip("liger_kernel")
+    stock, patched, processor = _fresh(family, dtype=torch.bfloat16, device="cuda")
+    apply_kernels(patched, ["rms_norm", "swiglu"] if swiglu_mlps(patched, family) else ["rms_norm"])
+    batch = _to(image_batch(processor), "cuda", torch.bfloat16)
+    ref, ref_grads = loss_and_grads(stock, batch)
+    out, grads = loss_and_grads(patched, batch)
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-2
+    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in grads}
+    assert max(errors.values()) < 3e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]

@@ -4,6 +4,8 @@ Kernels (module docstrings say exactly what each replaces):
 - "fused_linear_ce"       (every family)   fused_ce.py: loss from hidden states, logits never built.
 - "vision_window_varlen"  (qwen2_5_vl)     vision_varlen.py: one varlen attention call over all windows.
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
+- "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
+- "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
 - "all": every kernel that applies to the model's family.
 
 Nothing is assigned on a class: forwards are bound methods set on the instance (a deepcopy rebinds them
@@ -16,17 +18,28 @@ from __future__ import annotations
 from vltrain.families import family_spec, get_module
 from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
+from vltrain.kernels.rms_norm import patch_rms_norm
+from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
 from vltrain.kernels.vision_varlen import patch_vision_window_varlen
 
-KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear")
+KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu")
+# Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
+# vision MLP). For a model instance the check is on its modules instead.
+_NO_SWIGLU_BY_DEFAULT = ("qwen3_vl_moe",)
 
 __all__ = ["KERNELS", "apply_kernels", "applicable_kernels"]
 
 
 def applicable_kernels(model) -> list[str]:
-    """The kernels that apply to this model's family, in application order."""
+    """The kernels that apply to this model (or, given a `model_type` string, its family's default
+    architecture), in application order."""
     spec = family_spec(model)
-    return [name for name in KERNELS if name != "vision_window_varlen" or spec.window_attention]
+    if isinstance(model, str):
+        has_swiglu = bool(SWIGLU_MLPS.get(spec.model_type)) and spec.model_type not in _NO_SWIGLU_BY_DEFAULT
+    else:
+        has_swiglu = bool(swiglu_mlps(_base_model(model), spec.model_type))
+    skip = {"vision_window_varlen": not spec.window_attention, "swiglu": not has_swiglu}
+    return [name for name in KERNELS if not skip.get(name, False)]
 
 
 def _base_model(model):
@@ -65,6 +78,10 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_fused_linear_ce(base)
         elif name == "vision_window_varlen":
             new = patch_vision_window_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks)
+        elif name == "rms_norm":
+            new = patch_rms_norm(base, spec.model_type)
+        elif name == "swiglu":
+            new = patch_swiglu(base, spec.model_type)
         else:
             path = f"{spec.vision_module}.patch_embed"
             new = patch_patch_embed_linear(get_module(model, path), path)
