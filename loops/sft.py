@@ -27,7 +27,7 @@ from vltrain.data.encode import IGNORE_INDEX
 from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.tracking import format_step, peak_memory_gib, print0
-from vltrain.vision import batch_has_media, dummy_vision_loss
+from vltrain.vision import complete_modalities, link_dummy_features
 
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "labels", "pixel_values",
@@ -44,22 +44,14 @@ def sft_loss(model, batch: dict, num_tokens: torch.Tensor | int) -> torch.Tensor
     """Sum of next-token losses in `batch` divided by `num_tokens`.
 
     batch: padded (B, L) or packed tensors from the collators; num_tokens: the supervised tokens of the
-    whole optimizer step (all micro-batches, all ranks). A batch without images or videos also runs
-    the vision tower on a dummy input (times zero) so every rank uses every vision parameter.
+    whole optimizer step (all micro-batches, all ranks). A batch without images or without videos gets
+    a dummy one appended (vltrain.vision.complete_modalities), so every rank runs the same modules.
     """
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-    if batch_has_media(batch):
-        return model(**inputs, num_items_in_batch=num_tokens).loss
-    # The dummy pass runs right after the token embeddings and its zero joins them, as real vision
-    # features do: gradients then become ready in the same order on every rank, which ZeRO-2's
-    # gradient buckets assume (added at the loss, text-only and media ranks reduced different buckets).
     unwrapped = getattr(model, "module", model)
-    handle = unwrapped.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: out + dummy_vision_loss(unwrapped).to(out.dtype))
-    try:
+    batch, added = complete_modalities(unwrapped, batch)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+    with link_dummy_features(unwrapped) if added else nullcontext():
         return model(**inputs, num_items_in_batch=num_tokens).loss
-    finally:
-        handle.remove()
 
 
 @dataclass

@@ -49,6 +49,7 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
 
     import loops.sft as loop
+    from vltrain.vision import batch_has_media
     import recipes.sft as recipe
     from conftest import sft_config
     from torch.utils.data import DataLoader
@@ -66,7 +67,7 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
 
     def sft_loss_recording(model, batch, num_tokens):
         if not ctx.get("done"):
-            captured["has_media"].append(loop.batch_has_media(batch))
+            captured["has_media"].append(batch_has_media(batch))
         return real_sft_loss(model, batch, num_tokens)
 
     def build_scheduler_after_prepare(optimizer, *args, **kwargs):
