@@ -31,26 +31,6 @@ def dummy_vision_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, grid.to(param.device)
 
 
-def _float_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, dict) or hasattr(obj, "values"):
-        for v in obj.values():
-            yield from _float_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _float_tensors(v)
-
-
-def dummy_vision_loss(model) -> torch.Tensor:
-    """A zero scalar that depends on every vision-tower and merger parameter (DeepStack ones included)."""
-    pixels, grid = dummy_vision_inputs(model)
-    visual = get_module(model, family_spec(model).vision_module)
-    out = visual(pixels, grid_thw=grid)
-    return sum(t.float().sum() for t in _float_tensors(out)) * 0.0
-
-
 def batch_has_media(batch: dict) -> bool:
     return batch.get("pixel_values") is not None or batch.get("pixel_values_videos") is not None
 
