@@ -6,19 +6,19 @@
 set -u
 OUT=${OUT:-backends_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-DATA="$OUT/data"
+DATA="${DATA:-/tmp/vltrain_backends_data}"
 python -c "from vltrain.synthetic import write_shapes_dataset; write_shapes_dataset('$DATA')"
 COMMON="data.train_path=$DATA/train.json data.eval_path=$DATA/eval.json data.image_folder=$DATA/images \
   train.eval_exact_match=0 train.report_to=none train.save_every=20 train.log_every=10 train.eval_every=0"
 for cfg in single_gpu ddp fsdp2 zero2 zero3 zero3_offload; do
-  run="$OUT/$cfg"
+  run="${RUNS:-/tmp/vltrain_backends}/$cfg"; mkdir -p "$run"
   echo "== $cfg"
   timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py \
-      $COMMON train.output_dir=$run train.max_steps=40 > "$run.log" 2>&1 || { echo "FAILED (see $cfg.log)"; tail -5 "$run.log"; continue; }
+      $COMMON train.output_dir=$run train.max_steps=40 > "$OUT/$cfg.log" 2>&1 || { echo "FAILED (see $cfg.log)"; tail -5 "$OUT/$cfg.log"; continue; }
   timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py \
-      $COMMON train.output_dir=$run train.max_steps=50 train.resume=auto > "$run.resume.log" 2>&1 || { echo "RESUME FAILED"; tail -5 "$run.resume.log"; continue; }
-  grep -h "resumed from" "$run.resume.log"
-  python - "$run" <<'PY'
+      $COMMON train.output_dir=$run train.max_steps=50 train.resume=auto > "$OUT/$cfg.resume.log" 2>&1 || { echo "RESUME FAILED"; tail -5 "$OUT/$cfg.resume.log"; continue; }
+  grep -h "resumed from" "$OUT/$cfg.resume.log"
+  python - "$run" "$DATA" <<'PY'
 import json, sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -30,7 +30,7 @@ run = sys.argv[1]
 summary = json.load(open(f"{run}/summary.json"))
 model = AutoModelForImageTextToText.from_pretrained(f"{run}/final", dtype=torch.float32).cuda().eval()
 processor = AutoProcessor.from_pretrained(f"{run}/final")
-data = run.rsplit("/", 1)[0] + "/data"
+data = sys.argv[2]
 ds = SFTDataset(f"{data}/eval.json", processor, MediaOptions(image_factor=28), max_seq_length=256, image_folder=f"{data}/images")
 total = count = 0.0
 with torch.no_grad():
