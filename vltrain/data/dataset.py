@@ -7,7 +7,7 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from vltrain.data.encode import IGNORE_INDEX, SampleSkipped, encode
+from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS, SampleSkipped, encode
 from vltrain.data.formats import load_conversations
 from vltrain.data.media import MediaError, MediaOptions
 
@@ -75,12 +75,15 @@ def pad_collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> d
         batch["labels"][row, :n] = e["labels"]
         batch["attention_mask"][row, :n] = 1
         batch["mm_token_type_ids"][row, :n] = e["mm_token_type_ids"]
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-        parts = [e[key] for e in examples if key in e]
-        if parts:
-            batch[key] = torch.cat(parts)
-    batch["num_skipped"] = sum(int(e.get("num_skipped", 0)) for e in examples)
-    return batch
+    return batch | media_and_skips(examples)
+
+
+def media_and_skips(examples: list[dict[str, torch.Tensor]]) -> dict:
+    """Media tensors concatenated in example order, and the examples' summed skip counts (both collators)."""
+    out = {key: torch.cat([e[key] for e in examples if key in e]) for key in MEDIA_KEYS
+           if any(key in e for e in examples)}
+    out["num_skipped"] = sum(int(e.get("num_skipped", 0)) for e in examples)
+    return out
 
 
 class PadCollator:

@@ -18,6 +18,7 @@ from vltrain.data.formats import Conversation
 from vltrain.data.media import MediaOptions, load_image, load_video, resolve_media_path
 
 IGNORE_INDEX = -100
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class SampleSkipped(Exception):
@@ -98,7 +99,7 @@ def encode(
         raise SampleSkipped(f"sample {conv.sample_id!r}: no assistant tokens left within max_seq_length={max_seq_length}")
 
     example = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": mm_token_type_ids}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+    for key in MEDIA_KEYS:
         if key in out:
             example[key] = out[key]
     return example

@@ -24,9 +24,9 @@ import random
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from vltrain.data.dataset import media_and_skips
 from vltrain.data.encode import IGNORE_INDEX
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class RopeIndex:
@@ -87,12 +87,7 @@ def pack_examples(examples: list[dict[str, torch.Tensor]], rope_index: RopeIndex
         "mm_token_type_ids": torch.cat(types)[None],
         "position_ids": torch.cat(positions, dim=1)[:, None],
     }
-    for key in MEDIA_KEYS:
-        parts = [e[key] for e in examples if key in e]
-        if parts:
-            batch[key] = torch.cat(parts)
-    batch["num_skipped"] = sum(int(e.get("num_skipped", 0)) for e in examples)
-    return batch
+    return batch | media_and_skips(examples)
 
 
 class PackCollator:
