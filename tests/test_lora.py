@@ -263,3 +263,19 @@ def test_merge_rejects_a_key_that_does_not_match(tmp_path):
         merge_adapter(tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.lora_A"):  # and the missing one
         load_adapter_strict(build_tiny("qwen2_vl")[0], tmp_path / "adapter")
+
+
+def test_qlora_with_fused_linear_ce_matches_the_stock_loss(tmp_path, image_data, capsys):
+    """QLoRA keeps lm_head unquantized, so the fused cross-entropy kernel applies under it unchanged."""
+    from recipes import sft as recipe
+
+    losses = {}
+    for kernels in ("[]", "[fused_linear_ce]"):
+        cfg = lora_cfg(tmp_path / kernels.strip("[]"), "qwen2_5_vl", image_data, **{
+            "lora.bits": 4, "model.dtype": "bfloat16", "train.max_steps": 2, "model.kernels": kernels})
+        losses[kernels] = recipe.main(cfg)["losses"]
+        _reset_accelerate()
+    assert "kernels: fused_linear_ce:" in capsys.readouterr().out  # really applied under 4-bit
+    stock, fused = losses["[]"], losses["[fused_linear_ce]"]
+    assert fused[0] == pytest.approx(stock[0], rel=2e-3)
+    assert fused[1] == pytest.approx(stock[1], rel=2e-2)
