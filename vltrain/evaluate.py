@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.data.encode import to_chat_messages
-from vltrain.data.formats import Conversation, Turn
-from vltrain.data.media import MediaOptions, load_image, load_video, resolve_media_path
+from vltrain.data.encode import process_conversation
+from vltrain.data.formats import Conversation
+from vltrain.data.media import MediaOptions
 
 
 def _prompt_and_answer(conv: Conversation) -> tuple[Conversation, str]:
@@ -27,14 +27,8 @@ def exact_match_accuracy(model, processor, conversations: list[Conversation], me
     records = []
     for conv in tqdm(conversations, desc="exact-match eval", disable=not show_progress):
         prompt, answer = _prompt_and_answer(conv)
-        text = processor.apply_chat_template(to_chat_messages(prompt, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
-        images = [load_image(resolve_media_path(r, image_folder), media) for r in prompt.images]
-        kwargs = {}
-        if prompt.videos:
-            loaded = [load_video(resolve_media_path(r, image_folder), media) for r in prompt.videos]
-            kwargs.update(videos=[v for v, _ in loaded], video_metadata=[m for _, m in loaded], do_sample_frames=False)
-        inputs = processor(text=[text], images=images or None, return_tensors="pt", do_resize=False, **kwargs).to(device)
+        inputs = process_conversation(prompt, processor, media, image_folder=image_folder, system_prompt=system_prompt,
+                                      add_generation_prompt=True).to(device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         reply = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         records.append({"id": conv.sample_id, "answer": answer.strip(), "reply": reply,

@@ -56,6 +56,21 @@ def assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return mask
 
 
+def process_conversation(conv: Conversation, processor, media: MediaOptions, *, image_folder: str | None = None,
+                         system_prompt: str | None = None, add_generation_prompt: bool = False):
+    """The processor's output (batch of one) for `conv`: media loaded, chat template rendered, media
+    tokens expanded. Training encodes whole conversations; generation passes `add_generation_prompt`."""
+    images = [load_image(resolve_media_path(ref, image_folder), media) for ref in conv.images]
+    kwargs = {}
+    if conv.videos:
+        loaded = [load_video(resolve_media_path(ref, image_folder), media) for ref in conv.videos]
+        kwargs.update(videos=[v for v, _ in loaded], video_metadata=[m for _, m in loaded], do_sample_frames=False)
+    text = processor.apply_chat_template(to_chat_messages(conv, system_prompt), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    return processor(text=[text], images=images or None, return_tensors="pt", do_resize=False, padding=False,
+                     **kwargs)
+
+
 def encode(
     conv: Conversation,
     processor,
@@ -66,20 +81,7 @@ def encode(
     system_prompt: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode one conversation; raises SampleSkipped (with the reason) when it cannot be used."""
-    images = [load_image(resolve_media_path(ref, image_folder), media) for ref in conv.images]
-    videos, metadata = [], []
-    for ref in conv.videos:
-        frames, meta = load_video(resolve_media_path(ref, image_folder), media)
-        videos.append(frames)
-        metadata.append(meta)
-
-    text = processor.apply_chat_template(to_chat_messages(conv, system_prompt), tokenize=False)
-    kwargs = {}
-    if videos:
-        kwargs.update(videos=videos, video_metadata=metadata, do_sample_frames=False)
-    out = processor(
-        text=[text], images=images or None, return_tensors="pt", do_resize=False, padding=False, **kwargs
-    )
+    out = process_conversation(conv, processor, media, image_folder=image_folder, system_prompt=system_prompt)
     input_ids = out["input_ids"][0]
     mm_token_type_ids = out["mm_token_type_ids"][0]
     labels = torch.where(assistant_label_mask(input_ids, processor.tokenizer), input_ids, IGNORE_INDEX)
