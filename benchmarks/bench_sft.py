@@ -15,7 +15,10 @@ Paths:
             packed varlen attention), kernels "all" (fused linear CE, one-call vision window
             attention, Conv3d as Linear), same optimizer.
 Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.05 on the LLM
-linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing.
+linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
+N-th layer); suffixes: `sac` = checkpoint_policy save_matmuls (selective: matmul and attention outputs
+kept, elementwise ops recomputed), `kK` = the last K LLM layers not checkpointed, `@T` = this run's
+token budget (vltrain) or micro-batch size (hf), e.g. `vltrain:full:gc1sac@8192`, `hf:full:gc0@1`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
 (median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM".
@@ -33,6 +36,7 @@ import gc
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,8 +79,8 @@ PRESETS = {
         vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
                            num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17], patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2), tie_word_embeddings=True),
-    # Qwen/Qwen3.5-4B: values as recalled from the published config (hybrid 3 linear : 1 full attention);
-    # check against the hub file before quoting numbers for this one.
+    # Qwen/Qwen3.5-4B (hybrid 3 linear : 1 full attention; text and vision sizes checked against published
+    # copies of its config.json: text 2560/9216/32 layers, head_dim 256, vision 24 x 1024/4096, no deepstack)
     "qwen3_5_4b": dict(model_type="qwen3_5", text_config=dict(
         vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
         num_key_value_heads=4, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
@@ -232,16 +236,16 @@ def matmul_ceiling(device) -> float:
 
 
 # ----------------------------------------------------------------------------------- runs
-def micro_batches(path, examples, model, args):
+def micro_batches(path, examples, model, args, budget=None):
     from vltrain.data.dataset import pad_collate
     from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler
 
     if path == "hf":
-        k = args.hf_micro_batch
+        k = budget or args.hf_micro_batch
         batches = [pad_collate(examples[i:i + k], pad_token_id=0) for i in range(0, len(examples), k)]
     else:
         lengths = [len(e["input_ids"]) for e in examples]
-        budget = max(args.token_budget, max(lengths))
+        budget = max(budget or args.token_budget, max(lengths))
         sampler = TokenBudgetBatchSampler(lengths, budget, shuffle=False)
         collate = PackCollator(model.config)
         batches = [collate([examples[i] for i in idx]) for idx in sampler]
@@ -250,7 +254,7 @@ def micro_batches(path, examples, model, args):
     return batches
 
 
-def prepare_model(model, path, mode, gc_every):
+def prepare_model(model, path, mode, gc_every, policy="full", skip_last=0):
     from vltrain.families import family_spec
 
     if path == "vltrain":
@@ -270,7 +274,7 @@ def prepare_model(model, path, mode, gc_every):
     if gc_every:
         from vltrain.models import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model, every_n_layers=gc_every)
+        enable_gradient_checkpointing(model, every_n_layers=gc_every, policy=policy, skip_last_layers=skip_last)
     return model
 
 
@@ -296,17 +300,28 @@ def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None
 
 def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
-    gc_every = int(gcs[2:])  # gc0: off, gc1: every layer, gcN: every N-th layer
-    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every}
+    # gc0: off, gc1: every layer, gcN: every N-th layer; "sac": checkpoint_policy save_matmuls; "kK": the last K
+    # LLM layers not checkpointed; "@T": this run's token budget (vltrain) or micro-batch size in samples (hf)
+    m = re.fullmatch(r"gc(\d+)(sac)?(?:k(\d+))?(?:@(\d+))?", gcs)
+    if not m:
+        raise SystemExit(f"bad run spec {spec!r}: want path:mode:gcN[sac][kK][@budget]")
+    gc_every, policy, skip_last = int(m[1]), "save_matmuls" if m[2] else "full", int(m[3] or 0)
+    budget = int(m[4]) if m[4] else None
+    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every, "policy": policy,
+              "skip_last_layers": skip_last}
+    if path == "hf":
+        result["micro_batch"] = budget or args.hf_micro_batch
+    else:
+        result["token_budget"] = budget or args.token_budget
     torch.manual_seed(0)
     model = None
     try:
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
-        model = prepare_model(model, path, mode, gc_every)
+        model = prepare_model(model, path, mode, gc_every, policy, skip_last)
         model.train()
-        batches = micro_batches(path, examples, model, args)
+        batches = micro_batches(path, examples, model, args, budget)
         real = sum(len(e["input_ids"]) for e in examples)
         padded = sum(b["input_ids"].numel() for b in batches)
         num_tokens = sum(int((e["labels"][1:] != -100).sum()) for e in examples)
@@ -381,11 +396,11 @@ def main():
         r.update(card=card, ceiling_tflops=ceiling / 1e12, argv=" ".join(sys.argv))
         results.append(r)
         if r.get("ok"):
-            print(f"{args.preset:<14} {spec:<18} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu']:6.1%}  "
+            print(f"{args.preset:<14} {spec:<22} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu']:6.1%}  "
                   f"peak {r['peak_gib']:5.1f} GiB  step {r['step_s']:.2f}s  mb {r['micro_batches']}  "
                   f"pad {r['padded_tokens'] / r['real_tokens'] - 1:5.1%}  loss {r['losses'][0]:.3f}", flush=True)
         else:
-            print(f"{args.preset:<14} {spec:<18} {r['error']} (peak {r['peak_gib']:.1f} GiB)", flush=True)
+            print(f"{args.preset:<14} {spec:<22} {r['error']} (peak {r['peak_gib']:.1f} GiB)", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
