@@ -86,6 +86,9 @@ def main(cfg: SFTConfig) -> dict:
     if cfg.train.eval_exact_match and parameters_sharded(accelerator):
         raise ValueError("train.eval_exact_match generates on one process, which cannot work under ZeRO-3/FSDP "
                          "sharding: set it to 0 and evaluate the export in final/ instead")
+    if "compile_layers" in cfg.model.kernels and parameters_sharded(accelerator):
+        raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
+                         "drop it from model.kernels")
     set_seed(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:

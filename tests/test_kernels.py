@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vltrain.families import FAMILIES
-from vltrain.kernels import KERNELS, applicable_kernels, apply_kernels
+from vltrain.kernels import KERNELS, OPT_IN, applicable_kernels, apply_kernels
 from vltrain.kernels.fused_ce import chunked_linear_cross_entropy_sum
 from vltrain.kernels.patch_embed import PatchLinear
 from vltrain.kernels.rms_norm import RMS_NORMS, _modeling_class, count_rms_norms, verify_rms_norm_math
@@ -135,7 +135,8 @@ def test_masked_varlen_attention_matches_per_segment_loop():
 
 # --- every kernel vs the unpatched model, every family ---------------------------------------------
 
-CASES = [(f, k) for f in FAMILY_NAMES for k in KERNELS if k in applicable_kernels(f)] + [(f, "all") for f in FAMILY_NAMES]
+CASES = [(f, k) for f in FAMILY_NAMES for k in KERNELS if k in applicable_kernels(f) and k not in OPT_IN] + \
+    [(f, "all") for f in FAMILY_NAMES]  # compile_layers: its own test (test_compile_layers.py), a compile is slow
 
 
 @pytest.mark.parametrize("family,kernel", CASES)

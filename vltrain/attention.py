@@ -121,6 +121,7 @@ def masked_causal_varlen_attention(q, k, v, cu_seqlens, scale: float | None = No
     return out.squeeze(0).transpose(0, 1)
 
 
+@torch.compiler.disable  # eager inside a compiled layer (kernels "compile_layers"): boundaries are data
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              position_ids=None, **kwargs):
     """AttentionInterface entry: query (B, Hq, L, D), key/value (B, Hkv, L, D) -> ((B, L, Hq, D), None)."""
@@ -154,6 +155,7 @@ def register_packed_attention() -> None:
 
 
 # ------------------------------------------------------------------------------- linear attention
+@torch.compiler.disable
 def _segmented_linear_attn_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     stock_forward = functools.partial(type(self).forward, self)
     starts = getattr(self, "_vltrain_segment_starts", None)

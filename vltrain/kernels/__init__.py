@@ -6,7 +6,8 @@ Kernels (module docstrings say exactly what each replaces):
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
-- "all": every kernel that applies to the model's family.
+- "compile_layers"        (every family, opt-in) compile_layers.py: each LLM decoder layer torch.compile'd.
+- "all": every kernel that applies to the model's family, except the opt-in ones.
 
 Nothing is assigned on a class: forwards are bound methods set on the instance (a deepcopy rebinds them
 to the copy) and submodules are swapped on the instance. Applying twice patches nothing new. Apply
@@ -16,13 +17,15 @@ before `accelerator.prepare` / FSDP / DeepSpeed wrapping, so their hooks see the
 from __future__ import annotations
 
 from vltrain.families import family_spec, get_module
+from vltrain.kernels.compile_layers import patch_compile_layers
 from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
 from vltrain.kernels.rms_norm import patch_rms_norm
 from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
 from vltrain.kernels.vision_varlen import patch_vision_window_varlen
 
-KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu")
+KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu", "compile_layers")
+OPT_IN = ("compile_layers",)  # not part of "all": it costs a compile at the start of every run
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.
 _NO_SWIGLU_BY_DEFAULT = ("qwen3_vl_moe",)
@@ -61,7 +64,7 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
     requested: list[str] = []
     for name in kernels:
         if name == "all":
-            requested.extend(applicable)
+            requested.extend(k for k in applicable if k not in OPT_IN)
         elif name not in KERNELS:
             raise ValueError(f"unknown kernel {name!r}; known: {list(KERNELS)} or 'all'")
         elif name not in applicable:
@@ -82,6 +85,8 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_rms_norm(base, spec.model_type)
         elif name == "swiglu":
             new = patch_swiglu(base, spec.model_type)
+        elif name == "compile_layers":
+            new = [patch_compile_layers(base)]
         else:
             path = f"{spec.vision_module}.patch_embed"
             new = patch_patch_embed_linear(get_module(model, path), path)

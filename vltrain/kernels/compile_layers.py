@@ -1,0 +1,59 @@
+"""Each LLM decoder layer's computation through `torch.compile` ("compile_layers").
+
+Patches, on one model instance, `forward` of every LLM decoder layer: in training (module in train mode,
+grad enabled) the layer's own computation runs as a `torch.compile(dynamic=True)` function, so inductor
+fuses the elementwise work left between the matmuls (residual adds, rotary embedding, casts, norms) and
+the step launches far fewer kernels -- which matters most where it is bound by Python/launch overhead
+(small micro-batches, LoRA). Dynamic shapes: one compile serves every packed row length (a couple of
+recompiles at first for 0/1 specialisation); all layers of a model share one compiled code object.
+
+Gradient checkpointing stays outside the compiled function: a checkpointed layer calls
+`layer._gradient_checkpointing_func(compiled, ...)` exactly as transformers' own wrapper does, so the
+recompute reruns the compiled code. (Compiling the layer's outer call instead would not work: the
+packed attention is a deliberate graph break, and dynamo runs a checkpoint region containing a graph
+break entirely eager.) Eval mode and no-grad calls (generation, evaluation) run the stock forward.
+
+Runs eager inside the compiled function (`torch.compiler.disable` in vltrain.attention): the packed
+varlen attention (its example boundaries are data-dependent) and Qwen3.5's per-example linear
+attention. The vision tower is not compiled.
+
+Costs: the first steps compile (about a minute on a GPU). Not part of "all": ask for it by name
+(`model.kernels=[all,compile_layers]`). The SFT recipe refuses it with sharded parameters (FSDP,
+ZeRO-3), where it has not been tested.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from vltrain.families import family_spec, get_module
+
+
+def _stock_forward(layer):
+    """The layer class's forward without transformers' checkpointing wrapper."""
+    forward = type(layer).forward
+    return getattr(forward, "__wrapped__", forward)
+
+
+def _compiled_layer_forward(self, *args, **kwargs):
+    if not (self.training and torch.is_grad_enabled()):
+        return _stock_forward(self)(self, *args, **kwargs)
+    if self.gradient_checkpointing:
+        return self._gradient_checkpointing_func(functools.partial(self._vltrain_compiled, **kwargs), *args)
+    return self._vltrain_compiled(*args, **kwargs)
+
+
+def patch_compile_layers(model) -> str:
+    base = get_module(model, "")
+    path = family_spec(base).llm_layers
+    layers = base.get_submodule(path)
+    for layer in layers:
+        if getattr(layer.__dict__.get("forward"), "__func__", None) is _compiled_layer_forward:
+            continue
+        stock = types.MethodType(_stock_forward(layer), layer)
+        layer._vltrain_compiled = torch.compile(stock, dynamic=True)
+        layer.forward = types.MethodType(_compiled_layer_forward, layer)  # deepcopy rebinds it
+    return f"compile_layers: {path}.*.forward ({len(layers)} layers) torch.compile'd, dynamic shapes"
