@@ -369,6 +369,12 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     except torch.OutOfMemoryError as e:
         result.update(ok=False, error="OOM", detail=str(e)[:300],
                       peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+    except Exception as e:  # one failing variant must not take the rest of the sweep down
+        import traceback
+
+        result.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}", detail=traceback.format_exc()[-3000:],
+                      peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
+        print(result["detail"], file=sys.stderr)
     finally:
         del model
         gc.collect()
