@@ -52,8 +52,10 @@ def _liger_op(module: str, name: str):
 
 def triton_can_run(x: torch.Tensor, op_module: str, op_name: str):
     """liger's op `op_name` if it can run on `x` (a CUDA tensor, liger installed), else None. The Triton
-    interpreter is not used: liger 0.8.5's RMSNorm kernel fails under TRITON_INTERPRET=1."""
-    if not x.is_cuda:
+    interpreter is not used: liger 0.8.5's RMSNorm kernel fails under TRITON_INTERPRET=1. None while
+    torch.compile traces (kernels "compile_layers"): dynamo cannot trace liger's autograd functions
+    (torch 2.11), and inductor fuses the stock math itself."""
+    if not x.is_cuda or torch.compiler.is_compiling():
         return None
     return _liger_op(op_module, op_name)
 
