@@ -5,9 +5,8 @@
 #   bash benchmarks/run_round3.sh 3b      # Qwen2.5-VL-3B full FT, GC on: HF vs vltrain eager / compile_layers / skip-last
 #   bash benchmarks/run_round3.sh 3b_prof # Qwen2.5-VL-3B: profile of one 32k step; last 4 / 5 layers not checkpointed
 #   bash benchmarks/run_round3.sh 7b      # Qwen2.5-VL-7B LoRA: HF vs vltrain eager / compile_layers, GC off / on
-#   bash benchmarks/run_round3.sh q2    # Qwen2-VL-2B: full / LoRA x GC on / off, both paths
-#   bash benchmarks/run_round3.sh q35   # Qwen3.5-4B: full / LoRA x GC on / off, both paths
-#   bash benchmarks/run_round3.sh q3    # Qwen3-VL-4B full FT: HF vs vltrain save_matmuls; LoRA both paths
+#   bash benchmarks/run_round3.sh q2      # Qwen2-VL-2B: full / LoRA x GC on / off, both paths (+ compile_layers)
+#   bash benchmarks/run_round3.sh q35     # Qwen3.5-4B: the same
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -25,10 +24,8 @@ case "${1:-3b}" in
     timeout 120 $B --preset qwen2_5_vl_3b --out "$OUT/r3_3b_skip.json" --runs vltrain:full:gc1k4@32768,vltrain:full:gc1k5@32768 2>&1 | show ;;
 7b) timeout 330 $B --preset qwen2_5_vl_7b --out "$OUT/r3_7b_lora.json" --runs \
       hf:lora:gc1@4,vltrain:lora:gc0@4096,vltrain:lora:gc0c@4096,vltrain:lora:gc1@32768,vltrain:lora:gc1c@32768 2>&1 | show ;;
-q2) timeout 280 $B --preset qwen2_vl_2b --out "$OUT/r3_q2_2b.json" --runs \
-      hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1sac@8192,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1sac@8192,hf:lora:gc0@1,vltrain:lora:gc0@4096 2>&1 | show ;;
-q35) timeout 300 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b.json" --runs \
-      hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1sac@8192,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1sac@8192,hf:lora:gc0@1,vltrain:lora:gc0@4096 2>&1 | show ;;
-q3) timeout 240 $B --preset qwen3_vl_4b --out "$OUT/r3_q3_4b.json" --runs \
-      hf:full:gc1@4,vltrain:full:gc1sac@8192,hf:lora:gc1@4,vltrain:lora:gc1sac@8192,hf:lora:gc0@1,vltrain:lora:gc0@4096 2>&1 | show ;;
+q2) timeout 420 $B --preset qwen2_vl_2b --out "$OUT/r3_q2_2b.json" --runs \
+      hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
+q35) timeout 540 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b.json" --runs \
+      hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
 esac
