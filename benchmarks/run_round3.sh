@@ -6,7 +6,8 @@
 #   bash benchmarks/run_round3.sh 3b_prof # Qwen2.5-VL-3B: profile of one 32k step; last 4 / 5 layers not checkpointed
 #   bash benchmarks/run_round3.sh 7b      # Qwen2.5-VL-7B LoRA: HF vs vltrain eager / compile_layers, GC off / on
 #   bash benchmarks/run_round3.sh q2      # Qwen2-VL-2B: full / LoRA x GC on / off, both paths (+ compile_layers)
-#   bash benchmarks/run_round3.sh q35     # Qwen3.5-4B: the same
+#   bash benchmarks/run_round3.sh q35     # Qwen3.5-4B: the same (before the linear-attention fix)
+#   bash benchmarks/run_round3.sh q35b    # Qwen3.5-4B after it (padded batches per layer, cache off)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -28,4 +29,6 @@ q2) timeout 420 $B --preset qwen2_vl_2b --out "$OUT/r3_q2_2b.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
 q35) timeout 540 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
+q35b) timeout 400 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b_b.json" --runs \
+      hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1c@32768,vltrain:lora:gc0c@4096 2>&1 | show ;;
 esac

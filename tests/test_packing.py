@@ -233,3 +233,37 @@ def test_resume_with_packing_and_token_budget_gives_the_same_losses(tmp_path, mi
     cfg.train.resume = "auto"
     resumed = main(cfg)["losses"]
     assert resumed == straight[3:]
+
+
+def test_linear_attention_after_full_attention_packed_without_checkpointing(media_dir, mixed_data):
+    """Qwen3.5 with a linear-attention layer after a full-attention one (as in every real config), in
+    training mode without checkpointing (the model would build a cache): packed == per example."""
+    from transformers import AutoModelForImageTextToText
+
+    from vltrain.tiny import tiny_config
+
+    _, processor = _tiny("qwen3_5")
+    config = tiny_config("qwen3_5", processor.tokenizer)
+    config.text_config.layer_types = ["linear_attention", "full_attention", "linear_attention"]
+    config.text_config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    stock = AutoModelForImageTextToText.from_config(config).train()
+    packed = copy.deepcopy(stock)
+    assert any("use_cache off" in line for line in enable_packed_attention(packed))
+    examples = _examples("qwen3_5", processor, media_dir, mixed_data)
+    num_tokens = sum(int((e["labels"][1:] != -100).sum()) for e in examples)
+    pad = PadCollator(processor.tokenizer.pad_token_id)
+    ref = sum(stock(**_inputs(pad([e])), num_items_in_batch=num_tokens, use_cache=False).loss for e in examples)
+    loss = packed(**_inputs(PackCollator(stock)(examples)), num_items_in_batch=num_tokens).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_groups_bound_the_padding():
+    from vltrain.attention import _padded_groups
+
+    lengths = [2000, 50, 60, 1900, 70, 1800, 400]
+    groups = _padded_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 2 * sum(lengths[i] for i in g)
+    assert len(groups) < len(lengths)  # similar lengths share a batch

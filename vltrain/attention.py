@@ -13,8 +13,10 @@ attention_mask):
   Rows without packing (a single example per row) give the same result as the stock attention.
 - Qwen3.5's gated-delta-net layers (linear attention: a causal conv1d and a recurrent state that
   would both carry over from one example to the next) run once per example: their forward is
-  patched on the instance to split the row at example boundaries, run the stock forward on each
-  piece and concatenate. Exact; one extra small launch group per example per layer.
+  patched on the instance to cut the row at example boundaries, right-pad the pieces into batches
+  (padding at most doubles a batch) and run the stock forward once per batch. Exact: the layer is
+  causal, so padding after an example cannot reach it.
+- the model's `use_cache` is turned off: a packed row is for training and must not fill a cache.
 
 Padding with an attention_mask is not supported in packed mode (the collator never pads: one row per
 micro-batch); a mask that masks something raises.
@@ -155,23 +157,43 @@ def register_packed_attention() -> None:
 
 
 # ------------------------------------------------------------------------------- linear attention
+def _padded_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]]:
+    """Indices of pieces grouped (longest first) so that each group, right-padded to its longest piece,
+    holds at most `max_waste` x its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * lengths[group[0]] <= max_waste * (sum(lengths[j] for j in group) + lengths[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @torch.compiler.disable
 def _segmented_linear_attn_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     stock_forward = functools.partial(type(self).forward, self)
     starts = getattr(self, "_vltrain_segment_starts", None)
     if starts is None or all(len(row_starts) <= 1 for row_starts in starts):
         return stock_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
-    # Several examples in a row: each runs alone. A cache (HF makes one even in training unless
-    # use_cache=False) is left untouched: its state after a packed row would mean nothing.
+    # Several examples in a row: each must start from a zero conv/recurrent state. The examples are cut
+    # out, right-padded into batches (the layer is causal along the sequence, so padding after an example
+    # cannot change its outputs) and run through the stock forward together -- one call per batch, not per
+    # example. A cache is never used: its state after a packed row would mean nothing.
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("packed rows cannot continue from a KV cache")
-    rows = []
+    pieces = []
     for row, row_starts in enumerate(starts):
-        bounds = row_starts.tolist() + [hidden_states.shape[1]]
-        pieces = [stock_forward(hidden_states[row : row + 1, a:b], cache=None, attention_mask=None, **kwargs)
-                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.cat(rows, dim=0)
+        bounds = sorted({0, *row_starts.tolist()}) + [hidden_states.shape[1]]
+        pieces += [hidden_states[row, a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    outputs: list[torch.Tensor | None] = [None] * len(pieces)
+    for group in _padded_groups([len(p) for p in pieces]):
+        batch = torch.nn.utils.rnn.pad_sequence([pieces[i] for i in group], batch_first=True)
+        out = stock_forward(batch, cache=None, attention_mask=None, **kwargs)
+        for k, i in enumerate(group):
+            outputs[i] = out[k, : len(pieces[i])]
+    return torch.cat(outputs, dim=0).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
 
 
 def _set_segments(language_model, args, kwargs):
@@ -217,5 +239,8 @@ def enable_packed_attention(model) -> list[str]:
     if spec.linear_attention:
         n = _patch_linear_attention(get_module(model, spec.llm_module))
         if n:
-            done.append(f"packed attention: {n} gated-delta-net layers run once per example")
+            done.append(f"packed attention: {n} gated-delta-net layers run per example (padded batches)")
+    if getattr(base.config.text_config, "use_cache", False):
+        base.config.text_config.use_cache = False
+        done.append("use_cache off (packed rows are for training)")
     return done
