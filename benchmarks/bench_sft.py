@@ -16,10 +16,9 @@ Paths:
             attention, Conv3d as Linear), same optimizer.
 Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.05 on the LLM
 linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
-N-th layer); suffixes: `sac` = checkpoint_policy save_matmuls (selective: matmul and attention outputs
-kept, elementwise ops recomputed), `kK` = the last K LLM layers not checkpointed, `@T` = this run's
-token budget (vltrain) or micro-batch size (hf), `c` = + kernels compile_layers (`cx`: compiled, with
-liger's RMSNorm/SwiGLU left out), e.g. `vltrain:full:gc1sac@8192`, `vltrain:full:gc1c@32768`, `hf:full:gc0@1`.
+N-th layer); suffixes: `c` = + kernels compile_layers (`cx`: compiled, with liger's RMSNorm/SwiGLU
+left out), `@T` = this run's token budget (vltrain) or micro-batch size (hf), e.g.
+`vltrain:full:gc1c@32768`, `hf:full:gc0@1`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
 (median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM".
@@ -255,7 +254,7 @@ def micro_batches(path, examples, model, args, budget=None):
     return batches
 
 
-def prepare_model(model, path, mode, gc_every, policy="full", skip_last=0, compile_layers=""):
+def prepare_model(model, path, mode, gc_every, compile_layers=""):
     from vltrain.families import family_spec
 
     if path == "vltrain":
@@ -277,7 +276,7 @@ def prepare_model(model, path, mode, gc_every, policy="full", skip_last=0, compi
     if gc_every:
         from vltrain.models import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model, every_n_layers=gc_every, policy=policy, skip_last_layers=skip_last)
+        enable_gradient_checkpointing(model, every_n_layers=gc_every)
     return model
 
 
@@ -303,16 +302,14 @@ def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None
 
 def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
-    # gc0: off, gc1: every layer, gcN: every N-th layer; "sac": checkpoint_policy save_matmuls; "kK": the last K
-    # LLM layers not checkpointed; "@T": this run's token budget (vltrain) or micro-batch size in samples (hf)
-    # "c": + kernels compile_layers; "cx": compile_layers with only the non-elementwise kernels
-    m = re.fullmatch(r"gc(\d+)(sac)?(?:k(\d+))?(cx|c)?(?:@(\d+))?", gcs)
-    if not m or (m[4] and path != "vltrain"):
-        raise SystemExit(f"bad run spec {spec!r}: want path:mode:gcN[sac][kK][c|cx][@budget] (c/cx: vltrain only)")
-    gc_every, policy, skip_last = int(m[1]), "save_matmuls" if m[2] else "full", int(m[3] or 0)
-    compile_layers, budget = m[4] or "", int(m[5]) if m[5] else None
-    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every, "policy": policy,
-              "skip_last_layers": skip_last, "compile_layers": compile_layers}
+    # gc0: off, gc1: every layer, gcN: every N-th layer; "c": + kernels compile_layers ("cx": compiled, with
+    # only the non-elementwise kernels); "@T": this run's token budget (vltrain) or micro-batch size (hf)
+    m = re.fullmatch(r"gc(\d+)(cx|c)?(?:@(\d+))?", gcs)
+    if not m or (m[2] and path != "vltrain"):
+        raise SystemExit(f"bad run spec {spec!r}: want path:mode:gcN[c|cx][@budget] (c/cx: vltrain only)")
+    gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[3]) if m[3] else None
+    result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every,
+              "compile_layers": compile_layers}
     if path == "hf":
         result["micro_batch"] = budget or args.hf_micro_batch
     else:
@@ -323,7 +320,7 @@ def run_one(spec: str, args, device, ceiling) -> dict:
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
-        model = prepare_model(model, path, mode, gc_every, policy, skip_last, compile_layers)
+        model = prepare_model(model, path, mode, gc_every, compile_layers)
         model.train()
         batches = micro_batches(path, examples, model, args, budget)
         real = sum(len(e["input_ids"]) for e in examples)

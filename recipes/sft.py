@@ -121,8 +121,7 @@ def main(cfg: SFTConfig) -> dict:
     else:
         counts = configure_trainable(model, cfg.trainable)
     if cfg.model.gradient_checkpointing:
-        print0("; ".join(enable_gradient_checkpointing(
-            model, cfg.model.checkpoint_every_n_layers, cfg.model.checkpoint_policy, cfg.model.checkpoint_skip_last_layers)))
+        enable_gradient_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     total = sum(p.numel() for p in model.parameters())
     print0(f"model {spec.model_type}: {total:,} parameters, trainable " +
            ", ".join(f"{k} {v:,}" for k, v in counts.items()))

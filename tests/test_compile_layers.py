@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vltrain.kernels import applicable_kernels, apply_kernels
-from vltrain.models import llm_decoder_layers
 from vltrain.tiny import build_tiny
 
 from conftest import sft_config
@@ -19,8 +18,8 @@ def test_compile_layers_is_opt_in_instance_only_and_idempotent():
     assert "compile_layers" not in " ".join(apply_kernels(copy.deepcopy(model), ["all"]))
     first = apply_kernels(model, ["compile_layers"])
     assert first == apply_kernels(model, ["compile_layers"]) and "2 layers" in first[0]
-    assert all("_vltrain_compiled" in vars(layer) for layer in llm_decoder_layers(model))
-    assert not any("_vltrain_compiled" in vars(layer) for layer in llm_decoder_layers(other))
+    assert all("_vltrain_compiled" in vars(layer) for layer in model.model.language_model.layers)
+    assert not any("_vltrain_compiled" in vars(layer) for layer in other.model.language_model.layers)
     assert not any("_vltrain_compiled" in vars(block) for block in model.model.visual.blocks)
 
 

@@ -90,3 +90,11 @@ def test_checkpoint_every_n_layers():
     assert flags == [True, False]
     with pytest.raises(ValueError, match="checkpoint_every_n_layers"):
         enable_gradient_checkpointing(build_tiny("qwen2_vl")[0], every_n_layers=0)
+
+
+def test_checkpoint_every_n_layers_needs_gradient_checkpointing():
+    from vltrain.config import ModelConfig
+
+    with pytest.raises(ValueError, match="checkpoint_every_n_layers is set but model.gradient_checkpointing is false"):
+        ModelConfig(checkpoint_every_n_layers=2).validate()
+    ModelConfig(gradient_checkpointing=True, checkpoint_every_n_layers=2).validate()

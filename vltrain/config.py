@@ -29,24 +29,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # With gradient_checkpointing: recompute only every n-th layer (1 = all), trading memory for speed.
     checkpoint_every_n_layers: int = 1
-    # "full" recomputes whole layers; "save_matmuls": LLM layers keep their matmul + attention outputs and
-    # recompute only elementwise ops (faster; ~2 B x sum of out-features per token per LLM layer more memory).
-    checkpoint_policy: Literal["full", "save_matmuls"] = "full"
-    # Leave the last k LLM decoder layers un-checkpointed (faster, their whole activations are kept).
-    checkpoint_skip_last_layers: int = 0
     # Kernels applied to the loaded instance (see vltrain.kernels); empty = the stock model.
     kernels: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.checkpoint_every_n_layers < 1:
             raise ValueError(f"model.checkpoint_every_n_layers must be >= 1, got {self.checkpoint_every_n_layers}")
-        if self.checkpoint_skip_last_layers < 0:
-            raise ValueError(f"model.checkpoint_skip_last_layers must be >= 0, got {self.checkpoint_skip_last_layers}")
-        tuned = {k: v for k, v in (("checkpoint_every_n_layers", self.checkpoint_every_n_layers != 1),
-                                   ("checkpoint_policy", self.checkpoint_policy != "full"),
-                                   ("checkpoint_skip_last_layers", self.checkpoint_skip_last_layers != 0)) if v}
-        if tuned and not self.gradient_checkpointing:
-            raise ValueError(f"model.{next(iter(tuned))} is set but model.gradient_checkpointing is false")
+        if self.checkpoint_every_n_layers != 1 and not self.gradient_checkpointing:
+            raise ValueError("model.checkpoint_every_n_layers is set but model.gradient_checkpointing is false")
 
 
 @dataclass
