@@ -8,7 +8,6 @@
 #   bash benchmarks/run_round3.sh q2      # Qwen2-VL-2B: full / LoRA x GC on / off, both paths (+ compile_layers)
 #   bash benchmarks/run_round3.sh q35     # Qwen3.5-4B: the same (before the linear-attention fix)
 #   bash benchmarks/run_round3.sh q35b    # Qwen3.5-4B after it (padded batches per layer, cache off)
-#   bash benchmarks/run_round3.sh q3      # Qwen3-VL-4B LoRA (GC on; eager / compiled), then Qwen2.5-VL-3B LoRA
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -27,7 +26,4 @@ q35) timeout 540 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
 q35b) timeout 400 $B --preset qwen3_5_4b --out "$OUT/r3_q35_4b_b.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc0@4096,hf:lora:gc1@4,vltrain:lora:gc1c@32768,vltrain:lora:gc0c@4096 2>&1 | show ;;
-q3) timeout 270 $B --preset qwen3_vl_4b --out "$OUT/r3_q3_4b_lora.json" --runs \
-      hf:lora:gc1@4,vltrain:lora:gc1@32768,vltrain:lora:gc1c@32768 2>&1 | show
-    timeout 100 $B --preset qwen2_5_vl_3b --out "$OUT/r3_3b_lora.json" --runs hf:lora:gc1@4,vltrain:lora:gc1@32768 2>&1 | show ;;
 esac
