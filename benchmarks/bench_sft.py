@@ -300,6 +300,34 @@ def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None
     print(table[:6000])
 
 
+def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
+    """One step with torch's CUDA sync debug mode on: every device -> host synchronisation is counted by
+    the Python line that caused it, and the table goes to `out_path` (the GPU idles after each one)."""
+    import collections
+    import warnings
+
+    counts = collections.Counter()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for b in batches:
+                model(**b, num_items_in_batch=num_tokens).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            counts[f"{w.filename}:{w.lineno}"] += 1
+    lines = [f"{n:6d}  {where}" for where, n in counts.most_common()]
+    Path(out_path).write_text(f"{sum(counts.values())} syncs in one step ({len(batches)} micro-batches)\n" +
+                              "\n".join(lines) + "\n")
+    print("\n".join(lines[:20]))
+
+
 def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
     # gc0: off, gc1: every layer, gcN: every N-th layer; "c": + kernels compile_layers ("cx": compiled, with
@@ -338,6 +366,8 @@ def run_one(spec: str, args, device, ceiling) -> dict:
         times, losses = [], []
         if args.profile and path == "vltrain":
             profile_step(model, batches, num_tokens, opt, params, args.profile)
+        if args.sync_report and path == "vltrain" and device.type == "cuda":
+            sync_report(model, batches, num_tokens, opt, params, args.sync_report)
         for step in range(args.warmup + args.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -392,6 +422,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of one vltrain step here")
+    ap.add_argument("--sync_report", default=None, help="write the device->host syncs of one vltrain step here (GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceiling = matmul_ceiling(device)

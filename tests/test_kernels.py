@@ -123,6 +123,21 @@ def test_chunked_linear_cross_entropy_matches_torch(chunk_size):
         torch.testing.assert_close(g, r)
 
 
+def test_max_seqlen_is_read_once_per_cu_seqlens_tensor(monkeypatch):
+    from vltrain.kernels import vision_varlen
+
+    cache = vision_varlen._MaxSeqlenCache(size=2)
+    reads = []
+    windows, full = torch.tensor([0, 4, 10, 12]), torch.tensor([0, 12])
+    real_int = int
+    monkeypatch.setattr(vision_varlen, "int", lambda x: reads.append(1) or real_int(x), raising=False)
+    for _ in range(5):  # blocks alternate between the two tensors, as in the vision tower
+        assert cache.get(windows) == 6 and cache.get(full) == 12
+    assert len(reads) == 2
+    assert cache.get(torch.tensor([0, 4, 10, 12])) == 6 and len(reads) == 3  # equal values, new tensor: read
+    assert len(cache.entries) == 2  # bounded
+
+
 def test_masked_varlen_attention_matches_per_segment_loop():
     torch.manual_seed(0)
     q, k, v = (torch.randn(23, 2, 8) for _ in range(3))

@@ -8,7 +8,10 @@ patched forward makes one call for the whole packed sequence, whichever `cu_seql
   `flash_attn_varlen_func` when installed;
 - otherwise (CPU, fp32): one sdpa call with a block-diagonal boolean mask built from `cu_seqlens`.
   Exact, but the mask is (N, N): fine for tests and CPU, not the fast path.
-The qkv projection, rotary embedding and output projection are the stock ones.
+The qkv projection, rotary embedding and output projection are the stock ones. Under sdpa transformers
+passes no `max_seqlen`; the longest segment is then read from the device once per `cu_seqlens` tensor
+(the same two tensors, windows and full, reach every block of a forward and its recompute) instead of
+once per block.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
+class _MaxSeqlenCache:
+    """Longest segment of the last few `cu_seqlens` tensors, by identity. Holding a reference keeps each
+    tensor alive, so its memory cannot be reused by another one while it is a key."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []
+
+    def get(self, cu_seqlens: torch.Tensor) -> int:
+        for tensor, value in self.entries:
+            if tensor is cu_seqlens:
+                return value
+        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the one device -> host sync
+        self.entries = (self.entries + [(cu_seqlens, value)])[-self.size:]
+        return value
+
+
+_MAX_SEQLEN = _MaxSeqlenCache()
+
+
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -41,9 +63,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None = None, scale: 
     q, k, v (N, heads, head_dim); cu_seqlens (S + 1,) cumulative segment lengths -> (N, heads, head_dim).
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
+            max_seqlen = _MAX_SEQLEN.get(cu_seqlens)
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         max_seqlen = int(max_seqlen)
         if (varlen_attn := _torch_varlen_attn()) is not None:
             return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
