@@ -123,14 +123,14 @@ def test_chunked_linear_cross_entropy_matches_torch(chunk_size):
         torch.testing.assert_close(g, r)
 
 
-def test_max_seqlen_is_read_once_per_cu_seqlens_tensor(monkeypatch):
+def test_max_seqlen_is_read_once_per_cu_seqlens_tensor():
     from vltrain.kernels import vision_varlen
 
-    cache = vision_varlen._MaxSeqlenCache(size=2)
+    from vltrain.attention import TensorKeyedCache
+
     reads = []
+    cache = TensorKeyedCache(lambda cu: reads.append(1) or vision_varlen._max_segment(cu), size=2)
     windows, full = torch.tensor([0, 4, 10, 12]), torch.tensor([0, 12])
-    real_int = int
-    monkeypatch.setattr(vision_varlen, "int", lambda x: reads.append(1) or real_int(x), raising=False)
     for _ in range(5):  # blocks alternate between the two tensors, as in the vision tower
         assert cache.get(windows) == 6 and cache.get(full) == 12
     assert len(reads) == 2

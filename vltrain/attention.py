@@ -52,23 +52,26 @@ def _cu_seqlens(text_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, max_len
 
 
-class _SegmentCache:
-    """cu_seqlens computed once per forward: every layer receives the same position tensor object.
+class TensorKeyedCache:
+    """`fn(tensor)` for the last `size` tensors, by identity: every layer of a forward (and its recompute)
+    receives the same position / cu_seqlens tensor object, so the device -> host work in `fn` runs once.
 
-    Holding a reference to that tensor keeps its memory from being reused, so identity is a safe key.
+    Holding a reference keeps each key tensor alive, so its memory cannot be reused while it is a key.
     """
 
-    def __init__(self):
-        self.positions = None
-        self.value = None
+    def __init__(self, fn, size: int = 1):
+        self.fn, self.size, self.entries = fn, size, []
 
-    def get(self, text_positions: torch.Tensor):
-        if text_positions is not self.positions:
-            self.positions, self.value = text_positions, _cu_seqlens(text_positions)
-        return self.value
+    def get(self, tensor: torch.Tensor):
+        for key, value in self.entries:
+            if key is tensor:
+                return value
+        value = self.fn(tensor)
+        self.entries = (self.entries + [(tensor, value)])[-self.size:]
+        return value
 
 
-_CACHE = _SegmentCache()
+_CACHE = TensorKeyedCache(_cu_seqlens)
 
 
 # ------------------------------------------------------------------------------- the attention op

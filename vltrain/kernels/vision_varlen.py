@@ -21,6 +21,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from vltrain.attention import TensorKeyedCache
+
 
 def _torch_varlen_attn():
     try:
@@ -30,23 +32,11 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
-class _MaxSeqlenCache:
-    """Longest segment of the last few `cu_seqlens` tensors, by identity. Holding a reference keeps each
-    tensor alive, so its memory cannot be reused by another one while it is a key."""
-
-    def __init__(self, size: int = 4):
-        self.size, self.entries = size, []
-
-    def get(self, cu_seqlens: torch.Tensor) -> int:
-        for tensor, value in self.entries:
-            if tensor is cu_seqlens:
-                return value
-        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the one device -> host sync
-        self.entries = (self.entries + [(cu_seqlens, value)])[-self.size:]
-        return value
+def _max_segment(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the device -> host sync
 
 
-_MAX_SEQLEN = _MaxSeqlenCache()
+_MAX_SEQLEN = TensorKeyedCache(_max_segment, size=4)  # windows and full, of the forward and its recompute
 
 
 def _flash_attn_varlen():
