@@ -280,21 +280,24 @@ def prepare_model(model, path, mode, gc_every, compile_layers=""):
     return model
 
 
+def vltrain_step(model, batches, num_tokens, opt, params) -> None:
+    """One optimizer step of the vltrain path (micro-batches accumulated, global token mean)."""
+    for b in batches:
+        model(**b, num_items_in_batch=num_tokens).loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None:
     """One warm step, then one step under torch.profiler; the top CUDA ops go to `out_path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        for b in batches:
-            model(**b, num_items_in_batch=num_tokens).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-
-    step()
+    vltrain_step(model, batches, num_tokens, opt, params)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
-        step()
+        vltrain_step(model, batches, num_tokens, opt, params)
+        torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     Path(out_path).write_text(table)
     print(table[:6000])
@@ -312,11 +315,7 @@ def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for b in batches:
-                model(**b, num_items_in_batch=num_tokens).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            vltrain_step(model, batches, num_tokens, opt, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     for w in caught:

@@ -126,10 +126,11 @@ def test_chunked_linear_cross_entropy_matches_torch(chunk_size):
 def test_max_seqlen_is_read_once_per_cu_seqlens_tensor():
     from vltrain.kernels import vision_varlen
 
-    from vltrain.attention import TensorKeyedCache
+    from vltrain.attention import TensorKeyedCache, max_segment
 
+    assert vision_varlen._MAX_SEQLEN.fn is max_segment  # what the vision kernel uses
     reads = []
-    cache = TensorKeyedCache(lambda cu: reads.append(1) or vision_varlen._max_segment(cu), size=2)
+    cache = TensorKeyedCache(lambda cu: reads.append(1) or max_segment(cu), size=2)
     windows, full = torch.tensor([0, 4, 10, 12]), torch.tensor([0, 12])
     for _ in range(5):  # blocks alternate between the two tensors, as in the vision tower
         assert cache.get(windows) == 6 and cache.get(full) == 12

@@ -40,6 +40,11 @@ def segment_starts(text_positions: torch.Tensor) -> list[torch.Tensor]:
     return [(row == 0).nonzero().flatten() for row in text_positions]
 
 
+def max_segment(cu_seqlens: torch.Tensor) -> int:
+    """The longest segment of `cu_seqlens` (a device -> host sync when it lives on the GPU)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def _cu_seqlens(text_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens over the flattened (B * L) tokens and the longest example, from (B, L) positions."""
     batch, length = text_positions.shape
@@ -48,8 +53,7 @@ def _cu_seqlens(text_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     row_starts = torch.arange(batch, device=flat.device) * length
     starts = torch.unique(torch.cat([starts, row_starts]))  # every row starts an example
     cu = torch.cat([starts, torch.tensor([batch * length], device=flat.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return cu, max_len
+    return cu, max_segment(cu)
 
 
 class TensorKeyedCache:

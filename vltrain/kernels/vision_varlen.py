@@ -21,7 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from vltrain.attention import TensorKeyedCache
+from vltrain.attention import TensorKeyedCache, max_segment
 
 
 def _torch_varlen_attn():
@@ -32,11 +32,7 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
-def _max_segment(cu_seqlens: torch.Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the device -> host sync
-
-
-_MAX_SEQLEN = TensorKeyedCache(_max_segment, size=4)  # windows and full, of the forward and its recompute
+_MAX_SEQLEN = TensorKeyedCache(max_segment, size=4)  # windows and full, of the forward and its recompute
 
 
 def _flash_attn_varlen():
