@@ -433,6 +433,76 @@ def test_gpu_bf16_swiglu_op_matches_stock():
             assert _rel_err(got, want) < 1e-2
 
 
+def _vision_mlp(intermediate: int, dtype=torch.float32, device="cpu", hidden: int = 48):
+    """A Qwen2.5-VL vision MLP (SiLU, biases) with these sizes, random weights."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu"))
+    torch.manual_seed(0)
+    return Qwen2_5_VLMLP(config.vision_config, bias=True).to(device=device, dtype=dtype)
+
+
+def test_aligned_swiglu_pads_only_misaligned_plain_linears():
+    from peft import LoraConfig, get_peft_model
+    from vltrain.kernels.swiglu import _alignment_pad
+
+    assert _alignment_pad(_vision_mlp(3420)) == 36  # Qwen2.5-VL's vision MLP -> 3456
+    assert _alignment_pad(_vision_mlp(60)) == 4
+    assert _alignment_pad(_vision_mlp(64)) == 0 and _alignment_pad(_vision_mlp(3424)) == 0  # rows 16-byte aligned
+    wrapped = get_peft_model(torch.nn.Sequential(_vision_mlp(60)), LoraConfig(r=2, target_modules=["up_proj"]))
+    assert _alignment_pad(wrapped.base_model.model[0]) == 0  # a LoRA layer's weight is not padded
+
+
+def test_aligned_swiglu_matches_stock_output_and_grads():
+    """fp32 on CPU: the zero-padded gate/up/down give the stock output and the stock gradients of the input,
+    the weights and the biases (atol 1e-5); the padded intermediate never leaks into parameter shapes."""
+    from vltrain.kernels.swiglu import _aligned_swiglu, _alignment_pad, _torch_silu_mul
+
+    mlp = _vision_mlp(60)
+    x = torch.randn(37, 48)
+    results = []
+    for run in ("stock", "aligned"):
+        xi = x.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        y = mlp(xi) if run == "stock" else _aligned_swiglu(mlp, xi, _torch_silu_mul, _alignment_pad(mlp))
+        y.square().sum().backward()
+        results.append([y, xi.grad] + [p.grad for p in mlp.parameters()])
+    for got, want in zip(results[1], results[0]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_swiglu_misaligned_intermediate_matches_stock():
+    """bf16, the real Qwen2.5-VL vision MLP width (1280 -> 3420), 8192 rows: the patched forward takes
+    the padded path and matches stock within 1% relative L2 error in output and every gradient."""
+    pytest.importorskip("liger_kernel")
+    from vltrain.kernels.swiglu import _fused_swiglu_forward
+
+    stock = _vision_mlp(3420, torch.bfloat16, "cuda", hidden=1280)
+    patched = copy.deepcopy(stock)
+    patched.forward = _fused_swiglu_forward.__get__(patched)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    x = torch.randn(8192, 1280, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    try:
+        for mlp in (stock, patched):
+            calls.clear()
+            xi = x.clone().requires_grad_(True)
+            y = mlp(xi)
+            y.square().sum().backward()
+            outs.append([y, xi.grad] + [p.grad for p in mlp.parameters()])
+            if mlp is patched:
+                assert "Linear" not in calls  # the padded path calls F.linear, not the Linear modules
+    finally:
+        handle.remove()
+    for got, want in zip(outs[1], outs[0]):
+        assert got.shape == want.shape and _rel_err(got, want) < 1e-2
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -267,3 +267,90 @@ def test_padded_groups_bound_the_padding():
     for g in groups:
         assert len(g) * max(lengths[i] for i in g) <= 2 * sum(lengths[i] for i in g)
     assert len(groups) < len(lengths)  # similar lengths share a batch
+
+
+# --- Qwen3.5 gated delta net over packed rows: the varlen path (flash-linear-attention on CUDA) ----------
+def _gated_delta_net(dtype=torch.float32, device="cpu", head_dim=16, hidden=64):
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    _, processor = _tiny("qwen3_5")
+    from vltrain.tiny import tiny_config
+
+    text = tiny_config("qwen3_5", processor.tokenizer).text_config
+    text.hidden_size, text.linear_key_head_dim, text.linear_value_head_dim = hidden, head_dim, head_dim
+    torch.manual_seed(0)
+    return Qwen3_5GatedDeltaNet(text, layer_idx=0).to(device=device, dtype=dtype)
+
+
+def _reference_conv(x, weight, bias, activation, cu_seqlens, cu_seqlens_cpu):
+    """fla.causal_conv1d's contract in plain torch: a causal depthwise conv restarting at each segment."""
+    bounds = cu_seqlens_cpu.tolist()
+    outs = [torch.nn.functional.conv1d(x[:, a:b].transpose(1, 2), weight.unsqueeze(1), bias, groups=x.shape[-1],
+                                       padding=weight.shape[-1] - 1)[..., : b - a] for a, b in zip(bounds, bounds[1:])]
+    assert activation == "silu"
+    return torch.nn.functional.silu(torch.cat(outs, dim=-1)).transpose(1, 2), None
+
+
+def _reference_delta(q, k, v, g, beta, use_qk_l2norm_in_kernel, cu_seqlens, cu_seqlens_cpu):
+    """fla.chunk_gated_delta_rule's varlen contract: transformers' torch rule once per segment."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    rule = getattr(torch_chunk_gated_delta_rule, "__wrapped__", torch_chunk_gated_delta_rule)  # the torch one
+    bounds = cu_seqlens_cpu.tolist()
+    return torch.cat([rule(q[:, a:b], k[:, a:b], v[:, a:b], g=g[:, a:b], beta=beta[:, a:b],
+                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+                      for a, b in zip(bounds, bounds[1:])], dim=1), None
+
+
+def _packed_rows(hidden, lengths_per_row, dtype, device):
+    """Random (B, L, H) hidden states and their text positions for rows holding examples of these lengths."""
+    width = sum(lengths_per_row[0])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row]).to(device)
+    torch.manual_seed(1)
+    return torch.randn(len(lengths_per_row), width, hidden, dtype=dtype, device=device), positions
+
+
+def _per_example_and_varlen(module, lengths_per_row, dtype, device, conv_fn, delta_fn):
+    """(outputs, input grads, param grads) of the stock forward example by example, and of the varlen one."""
+    from vltrain.attention import _linear_segments, varlen_gated_delta_forward
+
+    x, positions = _packed_rows(module.hidden_size, lengths_per_row, dtype, device)
+    cu, cu_cpu, _ = _linear_segments(positions)
+    runs = []
+    for varlen in (False, True):
+        xi = x.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        if varlen:
+            out = varlen_gated_delta_forward(module, xi, cu, cu_cpu, conv_fn, delta_fn)
+        else:
+            out = torch.cat([torch.cat([module(xi[r:r + 1, a:a + n]) for a, n in
+                                        zip([sum(row[:i]) for i in range(len(row))], row)], dim=1)
+                             for r, row in enumerate(lengths_per_row)])
+        out.float().square().sum().backward()
+        runs.append([out, xi.grad] + [p.grad for p in module.parameters()])
+    return runs
+
+
+def test_varlen_gated_delta_forward_matches_the_stock_forward_per_example():
+    """fp32 on CPU, fla's two ops stood in for by their per-segment torch contracts: the varlen forward
+    (one call over two packed rows of 3 + 1 examples) == the stock forward run on each example alone,
+    outputs and every gradient (atol 1e-5)."""
+    module = _gated_delta_net()
+    stock, varlen = _per_example_and_varlen(module, [[5, 11, 4], [20]], torch.float32, "cpu",
+                                            _reference_conv, _reference_delta)
+    for got, want in zip(varlen, stock):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@gpu
+def test_gpu_fla_varlen_gated_delta_matches_the_stock_forward_per_example():
+    """bf16 on CUDA through flash-linear-attention's varlen kernels (Qwen3.5-4B head sizes: 128), vs the stock
+    forward on each example alone: output and every gradient within 3% relative L2 error."""
+    pytest.importorskip("fla")
+    from vltrain.attention import _fla_ops
+
+    module = _gated_delta_net(torch.bfloat16, "cuda", head_dim=128, hidden=256)
+    stock, varlen = _per_example_and_varlen(module, [[300, 700, 24], [1024]], torch.bfloat16, "cuda", *_fla_ops())
+    for got, want in zip(varlen, stock):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < 3e-2, err

@@ -12,10 +12,15 @@ attention_mask):
     block-diagonal causal mask -- exact, O(L^2) memory, for tests and CPU.
   Rows without packing (a single example per row) give the same result as the stock attention.
 - Qwen3.5's gated-delta-net layers (linear attention: a causal conv1d and a recurrent state that
-  would both carry over from one example to the next) run once per example: their forward is
-  patched on the instance to cut the row at example boundaries, right-pad the pieces into batches
-  (padding at most doubles a batch) and run the stock forward once per batch. Exact: the layer is
-  causal, so padding after an example cannot reach it.
+  would both carry over from one example to the next) restart at every example; their forward is
+  patched on the instance:
+    CUDA + flash-linear-attention installed: the whole row in one call of fla's varlen kernels
+    (`causal_conv1d` and `chunk_gated_delta_rule` with `cu_seqlens`), the rest of the layer as stock.
+    (transformers' own forward passes `cu_seqlens` to the delta rule but not to the conv, which would
+    leak three tokens across examples.)
+    otherwise: the row is cut at example boundaries, the pieces right-padded into batches (padding at
+    most doubles a batch) and run through the stock forward once per batch. Exact: the layer is causal,
+    so padding after an example cannot reach it.
 - the model's `use_cache` is turned off: a packed row is for training and must not fill a cache.
 
 Padding with an attention_mask is not supported in packed mode (the collator never pads: one row per
@@ -35,11 +40,6 @@ ATTN_NAME = "vltrain_varlen"
 
 
 # ------------------------------------------------------------------------------- segment bookkeeping
-def segment_starts(text_positions: torch.Tensor) -> list[torch.Tensor]:
-    """Per row of text positions (B, L): the indices where an example starts (position 0)."""
-    return [(row == 0).nonzero().flatten() for row in text_positions]
-
-
 def max_segment(cu_seqlens: torch.Tensor) -> int:
     """The longest segment of `cu_seqlens` (a device -> host sync when it lives on the GPU)."""
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -178,21 +178,72 @@ def _padded_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]
     return groups
 
 
+def _fla_ops():
+    """flash-linear-attention's varlen (causal_conv1d, chunk_gated_delta_rule), or None if not installed."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    return causal_conv1d, chunk_gated_delta_rule
+
+
+def _linear_segments(text_positions: torch.Tensor):
+    """(cu_seqlens int64 on the device, the same on the CPU, example starts per row) of (B, L) positions."""
+    cu, _ = _cu_seqlens(text_positions)
+    cu_cpu = cu.cpu().long()
+    length = text_positions.shape[1]
+    starts = [[int(c) - row * length for c in cu_cpu if row * length <= c < (row + 1) * length]
+              for row in range(text_positions.shape[0])]
+    return cu.long(), cu_cpu, starts
+
+
+_LINEAR_CACHE = TensorKeyedCache(_linear_segments)
+
+
+def varlen_gated_delta_forward(self, hidden_states, cu_seqlens, cu_seqlens_cpu, conv_fn, delta_fn):
+    """Qwen3.5 GatedDeltaNet forward over (B, L) rows holding the examples of `cu_seqlens` (over the
+    flattened B * L tokens), each from a zero conv and recurrent state. `conv_fn` / `delta_fn` take fla's
+    `causal_conv1d` / `chunk_gated_delta_rule` arguments; the rest follows the stock forward
+    (transformers 5.24, `Qwen3_5GatedDeltaNet.forward` without a cache)."""
+    batch, length, _ = hidden_states.shape
+    x = hidden_states.reshape(1, batch * length, -1)
+    tokens = x.shape[1]
+    segments = dict(cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+    mixed, _ = conv_fn(self.in_proj_qkv(x), weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                       activation=self.activation, **segments)
+    query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    beta = self.in_proj_b(x).sigmoid()
+    g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+    out, _ = delta_fn(query.reshape(1, tokens, -1, self.head_k_dim), key.reshape(1, tokens, -1, self.head_k_dim),
+                      value.reshape(1, tokens, -1, self.head_v_dim), g=g, beta=beta,
+                      use_qk_l2norm_in_kernel=True, **segments)
+    out = self.norm(out.reshape(-1, self.head_v_dim), self.in_proj_z(x).reshape(-1, self.head_v_dim))
+    return self.out_proj(out.reshape(batch, length, -1))
+
+
 @torch.compiler.disable
 def _segmented_linear_attn_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     stock_forward = functools.partial(type(self).forward, self)
-    starts = getattr(self, "_vltrain_segment_starts", None)
-    if starts is None or all(len(row_starts) <= 1 for row_starts in starts):
+    positions = getattr(self, "_vltrain_text_positions", None)
+    if positions is None:
         return stock_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
-    # Several examples in a row: each must start from a zero conv/recurrent state. The examples are cut
-    # out, right-padded into batches (the layer is causal along the sequence, so padding after an example
-    # cannot change its outputs) and run through the stock forward together -- one call per batch, not per
-    # example. A cache is never used: its state after a packed row would mean nothing.
+    cu, cu_cpu, starts = _LINEAR_CACHE.get(positions)
+    if all(len(row_starts) <= 1 for row_starts in starts):
+        return stock_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    # Several examples in a row: each must start from a zero conv/recurrent state. A cache is never
+    # used: its state after a packed row would mean nothing.
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("packed rows cannot continue from a KV cache")
+    ops = _fla_ops() if hidden_states.is_cuda else None
+    if ops is not None:
+        return varlen_gated_delta_forward(self, hidden_states, cu, cu_cpu, *ops)
+    # Without fla: the examples are cut out, right-padded into batches (the layer is causal along the
+    # sequence, so padding after an example cannot change its outputs) and run through the stock
+    # forward together -- one call per batch, not per example.
     pieces = []
     for row, row_starts in enumerate(starts):
-        bounds = sorted({0, *row_starts.tolist()}) + [hidden_states.shape[1]]
+        bounds = sorted({0, *row_starts}) + [hidden_states.shape[1]]
         pieces += [hidden_states[row, a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     outputs: list[torch.Tensor | None] = [None] * len(pieces)
     for group in _padded_groups([len(p) for p in pieces]):
@@ -204,14 +255,13 @@ def _segmented_linear_attn_forward(self, hidden_states, cache=None, attention_ma
 
 
 def _set_segments(language_model, args, kwargs):
-    """Forward pre-hook on the language model: tell each linear-attention layer where examples start."""
+    """Forward pre-hook on the language model: hand each linear-attention layer the text positions
+    (row 0 of the (4, B, L) mRoPE ids), from which it finds where examples start."""
     positions = kwargs.get("position_ids")
-    starts = None
-    if positions is not None and positions.ndim == 3 and positions.shape[0] == 4:
-        starts = segment_starts(positions[0])
+    text = positions[0] if positions is not None and positions.ndim == 3 and positions.shape[0] == 4 else None
     for layer in language_model.layers:
         if hasattr(layer, "linear_attn"):
-            layer.linear_attn._vltrain_segment_starts = starts
+            layer.linear_attn._vltrain_text_positions = text
 
 
 def _patch_linear_attention(language_model) -> int:
@@ -246,7 +296,8 @@ def enable_packed_attention(model) -> list[str]:
     if spec.linear_attention:
         n = _patch_linear_attention(get_module(model, spec.llm_module))
         if n:
-            done.append(f"packed attention: {n} gated-delta-net layers run per example (padded batches)")
+            how = "varlen (flash-linear-attention) on CUDA" if _fla_ops() else "per example (padded batches)"
+            done.append(f"packed attention: {n} gated-delta-net layers restart at every example: {how}")
     if getattr(base.config.text_config, "use_cache", False):
         base.config.text_config.use_cache = False
         done.append("use_cache off (packed rows are for training)")

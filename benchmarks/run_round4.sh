@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Round-4 benchmark stages (RESULTS.md "Round 4"), each under `timeout`; JSON goes to $OUT.
+#   bash benchmarks/run_round4.sh sync     # Qwen2.5-VL-3B, one 32k step: device->host syncs by source line
+#   bash benchmarks/run_round4.sh 3b_lora  # Qwen2.5-VL-3B LoRA: HF vs vltrain, GC on / off
+#   bash benchmarks/run_round4.sh q3       # Qwen3-VL-4B: LoRA GC on, full GC off
+set -u
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+B="python benchmarks/bench_sft.py --steps 2"
+show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^ +[0-9]+ "; }
+for stage in "$@"; do case "$stage" in
+sync) timeout 120 python benchmarks/bench_sft.py --steps 1 --preset qwen2_5_vl_3b --runs vltrain:full:gc1@32768 \
+      --sync_report "$OUT/sync_3b_32k.txt" --out "$OUT/r4_sync.json" 2>&1 | show ;;
+3b_lora) timeout 270 $B --preset qwen2_5_vl_3b --out "$OUT/r4_3b_lora.json" --runs \
+      hf:lora:gc1@4,vltrain:lora:gc1@32768,vltrain:lora:gc1c@32768,hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show ;;
+q3) timeout 200 $B --preset qwen3_vl_4b --out "$OUT/r4_q3_4b.json" --runs \
+      hf:lora:gc1@4,vltrain:lora:gc1c@32768,hf:full:gc0@1,vltrain:full:gc0@4096 2>&1 | show ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac; done
