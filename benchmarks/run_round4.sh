@@ -5,6 +5,7 @@
 #   bash benchmarks/run_round4.sh q3       # Qwen3-VL-4B: LoRA GC on, full GC off
 #   bash benchmarks/run_round4.sh 3b       # Qwen2.5-VL-3B full FT, GC on, after the aligned vision MLP
 #   bash benchmarks/run_round4.sh 3b_prof  # its profile (one 32k step)
+#   bash benchmarks/run_round4.sh gc0      # GC-off cells: Qwen2.5-VL-3B LoRA, Qwen3-VL-4B full
 #   bash benchmarks/run_round4.sh q35_fla  # Qwen3.5-4B with flash-linear-attention installed (both paths use it)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -24,5 +25,9 @@ q3) timeout 200 $B --preset qwen3_vl_4b --out "$OUT/r4_q3_4b.json" --runs \
       --out "$OUT/r4_3b_prof.json" 2>&1 | show ;;
 q35_fla) timeout 330 $B --preset qwen3_5_4b --out "$OUT/r4_q35_fla.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,hf:lora:gc1@4,vltrain:lora:gc1c@32768 2>&1 | show ;;
+gc0) timeout 170 $B --preset qwen2_5_vl_3b --out "$OUT/r4_3b_lora_gc0.json" --runs \
+      hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show
+    timeout 130 $B --preset qwen3_vl_4b --out "$OUT/r4_q3_gc0.json" --runs \
+      hf:full:gc0@1,vltrain:full:gc0@4096 2>&1 | show ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac; done

@@ -350,7 +350,12 @@ def test_gpu_fla_varlen_gated_delta_matches_the_stock_forward_per_example():
     from vltrain.attention import _fla_ops
 
     module = _gated_delta_net(torch.bfloat16, "cuda", head_dim=128, hidden=256)
-    stock, varlen = _per_example_and_varlen(module, [[300, 700, 24], [1024]], torch.bfloat16, "cuda", *_fla_ops())
+    try:
+        stock, varlen = _per_example_and_varlen(module, [[300, 700, 24], [1024]], torch.bfloat16, "cuda", *_fla_ops())
+    except RuntimeError as e:  # fla 0.6 refuses the backward on Hopper with Triton 3.4-3.7.0 (wrong results)
+        if "Triton" not in str(e):
+            raise
+        pytest.skip(f"flash-linear-attention cannot run here: {e}")
     for got, want in zip(varlen, stock):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < 3e-2, err
