@@ -37,7 +37,9 @@ def main():
     ap.add_argument("--rows", type=int, default=21120)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
-    config = Qwen2_5_VLConfig().vision_config  # hidden 1280, intermediate 3420
+    # the released Qwen2.5-VL vision tower (3B/7B/72B): hidden 1280, intermediate 3420 (the config class's
+    # default hidden_size is 3584, so it is set here)
+    config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=1280, intermediate_size=3420)).vision_config
     stock = Qwen2_5_VLMLP(config, bias=True).cuda().bfloat16()
     unaligned, aligned = copy.deepcopy(stock), copy.deepcopy(stock)
     aligned.forward = types.MethodType(swiglu._fused_swiglu_forward, aligned)
@@ -46,7 +48,7 @@ def main():
                                          unaligned)
     x = torch.randn(args.rows, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     flops = 3 * 2 * 3 * args.rows * config.hidden_size * config.intermediate_size  # fwd + bwd, 3 matmuls
-    print(f"{torch.cuda.get_device_name()} | rows {args.rows} | intermediate {config.intermediate_size} "
+    print(f"{torch.cuda.get_device_name()} | rows {args.rows} | hidden {config.hidden_size} | intermediate {config.intermediate_size} "
           f"(aligned path pads {swiglu._alignment_pad(aligned)})")
     for name, mlp in (("stock", stock), ("liger silu_mul, 3420 wide", unaligned), ("aligned (kernels swiglu)", aligned)):
         ms = time_ms(lambda: mlp(x).sum().backward(), args.iters)
