@@ -452,6 +452,9 @@ def test_aligned_swiglu_pads_only_misaligned_plain_linears():
     assert _alignment_pad(_vision_mlp(64)) == 0 and _alignment_pad(_vision_mlp(3424)) == 0  # rows 16-byte aligned
     wrapped = get_peft_model(torch.nn.Sequential(_vision_mlp(60)), LoraConfig(r=2, target_modules=["up_proj"]))
     assert _alignment_pad(wrapped.base_model.model[0]) == 0  # a LoRA layer's weight is not padded
+    hooked = _vision_mlp(60)
+    hooked.down_proj.register_forward_pre_hook(lambda module, args: None)
+    assert _alignment_pad(hooked) == 0  # hooks (offloading, user hooks) must still see their module called
 
 
 def test_aligned_swiglu_matches_stock_output_and_grads():
