@@ -52,3 +52,33 @@ def test_family_table_is_keyed_by_model_type_and_matches_the_models():
                      *spec.merger_modules):
             assert path in modules, (model_type, path)
         assert model.config.vision_config.patch_size == spec.patch_size
+
+
+@pytest.mark.parametrize("hopper,triton_ok,tilelang,refused", [
+    (True, False, False, True), (True, True, False, False), (True, False, True, False), (False, False, False, False)])
+def test_qwen3_5_refused_early_where_fla_cannot_train(monkeypatch, hopper, triton_ok, tilelang, refused):
+    """flash-linear-attention installed + Hopper + Triton 3.4-3.7.0 without tilelang: a clear error before the
+    model loads (fla itself would raise at the first backward). Other families never look."""
+    import importlib.util
+    import sys
+    import types
+
+    from vltrain.models import check_linear_attention_backend
+
+    fake = types.ModuleType("fla.utils")
+    fake.IS_NVIDIA_HOPPER, fake.TRITON_ABOVE_3_4_0, fake.TRITON_ABOVE_3_7_1 = hopper, True, triton_ok
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.utils", fake)
+    real_find_spec = importlib.util.find_spec
+    installed = {"fla": True, "tilelang": tilelang}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if installed.get(name) else None if name in installed
+                        else real_find_spec(name, *a))
+    check_linear_attention_backend("qwen2_5_vl")  # no linear attention: never refused
+    if refused:
+        with pytest.raises(ValueError, match="qwen3_5: flash-linear-attention is installed.*Triton"):
+            check_linear_attention_backend("qwen3_5")
+        with pytest.raises(ValueError, match="flash-linear-attention"):
+            load_model(ModelConfig(name_or_path="tiny:qwen3_5_moe"))
+    else:
+        check_linear_attention_backend("qwen3_5")

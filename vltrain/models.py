@@ -25,6 +25,26 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def check_linear_attention_backend(model_type: str) -> None:
+    """Raise before loading a Qwen3.5 model that could not train here: when flash-linear-attention is
+    installed transformers (and vltrain's packed path) use it, and fla 0.6 refuses the gated delta rule's
+    backward on Hopper GPUs with Triton 3.4-3.7.0 unless tilelang is installed -- an error that would
+    otherwise come at the first backward, after the model and data have loaded."""
+    if not family_spec(model_type).linear_attention or importlib.util.find_spec("fla") is None:
+        return
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # another fla version: its own checks apply
+        return
+    if IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1 and importlib.util.find_spec("tilelang") is None:
+        import triton
+
+        raise ValueError(
+            f"{model_type}: flash-linear-attention is installed, and on this Hopper GPU with Triton {triton.__version__} "
+            "it refuses the backward of the gated delta rule (wrong results with Triton >= 3.4, < 3.7.1). Upgrade "
+            "Triton to >= 3.7.1, install tilelang, or uninstall flash-linear-attention (slower torch fallback).")
+
+
 def load_model(model_cfg, **from_pretrained_kwargs):
     """(model, processor) for `model_cfg`; the family is checked from `config.model_type` before loading."""
     dtype = DTYPES[model_cfg.dtype]
@@ -33,11 +53,13 @@ def load_model(model_cfg, **from_pretrained_kwargs):
     if name.startswith("tiny:"):
         from vltrain.tiny import build_tiny
 
+        check_linear_attention_backend(name.split(":", 1)[1])
         model, processor = build_tiny(name.split(":", 1)[1], dtype=dtype)
         model.set_attn_implementation(attn) if attn != "sdpa" else None
     else:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
         family_spec(config)  # a clear error for a model that is not a supported Qwen-VL family
+        check_linear_attention_backend(config.model_type)
         model = AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code,
             **from_pretrained_kwargs,
