@@ -6,6 +6,8 @@
 #   bash benchmarks/run_round4.sh 3b       # Qwen2.5-VL-3B full FT, GC on, after the aligned vision MLP
 #   bash benchmarks/run_round4.sh 3b_prof  # its profile (one 32k step)
 #   bash benchmarks/run_round4.sh gc0      # GC-off cells: Qwen2.5-VL-3B LoRA, Qwen3-VL-4B full
+#   bash benchmarks/run_round4.sh todo     # the cells not timed yet (device budget): 7B full FT, LoRA GC off
+#                                          # for 3B and Qwen3-VL-4B, and the 3B profile after the aligned MLP
 #   bash benchmarks/run_round4.sh q35_fla  # Qwen3.5-4B with flash-linear-attention installed (both paths use it)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -29,5 +31,9 @@ gc0) timeout 170 $B --preset qwen2_5_vl_3b --out "$OUT/r4_3b_lora_gc0.json" --ru
       hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show
     timeout 130 $B --preset qwen3_vl_4b --out "$OUT/r4_q3_gc0.json" --runs \
       hf:full:gc0@1,vltrain:full:gc0@4096 2>&1 | show ;;
+todo) timeout 150 $B --preset qwen2_5_vl_3b --out "$OUT/r4_3b_lora_gc0_b.json" --runs vltrain:lora:gc0c@4096 2>&1 | show
+    timeout 200 $B --preset qwen3_vl_4b --out "$OUT/r4_q3_lora_gc0.json" --runs hf:lora:gc0@1,vltrain:lora:gc0c@4096 2>&1 | show
+    timeout 240 $B --preset qwen2_5_vl_7b --out "$OUT/r4_7b_full.json" --runs hf:full:gc1@4,vltrain:full:gc1@32768 2>&1 | show
+    bash "$0" 3b_prof ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac; done
