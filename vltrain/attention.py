@@ -178,6 +178,7 @@ def _padded_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]
     return groups
 
 
+@functools.cache  # asked once per layer per forward: a missing package must not be searched for each time
 def _fla_ops():
     """flash-linear-attention's varlen (causal_conv1d, chunk_gated_delta_rule), or None if not installed."""
     try:
