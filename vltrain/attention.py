@@ -47,13 +47,18 @@ def max_segment(cu_seqlens: torch.Tensor) -> int:
 
 def _cu_seqlens(text_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens over the flattened (B * L) tokens and the longest example, from (B, L) positions."""
+    cu = _segment_bounds(text_positions)
+    return cu, max_segment(cu)
+
+
+def _segment_bounds(text_positions: torch.Tensor) -> torch.Tensor:
+    """int32 cu_seqlens over the flattened (B * L) tokens of (B, L) positions (an example starts at 0)."""
     batch, length = text_positions.shape
     flat = text_positions.reshape(-1)
     starts = (flat == 0).nonzero().flatten()
     row_starts = torch.arange(batch, device=flat.device) * length
     starts = torch.unique(torch.cat([starts, row_starts]))  # every row starts an example
-    cu = torch.cat([starts, torch.tensor([batch * length], device=flat.device)]).to(torch.int32)
-    return cu, max_segment(cu)
+    return torch.cat([starts, torch.tensor([batch * length], device=flat.device)]).to(torch.int32)
 
 
 class TensorKeyedCache:
@@ -191,7 +196,7 @@ def _fla_ops():
 
 def _linear_segments(text_positions: torch.Tensor):
     """(cu_seqlens int64 on the device, the same on the CPU, example starts per row) of (B, L) positions."""
-    cu, _ = _cu_seqlens(text_positions)
+    cu = _segment_bounds(text_positions)
     cu_cpu = cu.cpu().long()
     length = text_positions.shape[1]
     starts = [[int(c) - row * length for c in cu_cpu if row * length <= c < (row + 1) * length]

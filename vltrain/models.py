@@ -53,8 +53,9 @@ def load_model(model_cfg, **from_pretrained_kwargs):
     if name.startswith("tiny:"):
         from vltrain.tiny import build_tiny
 
-        check_linear_attention_backend(name.split(":", 1)[1])
-        model, processor = build_tiny(name.split(":", 1)[1], dtype=dtype)
+        model_type = name.split(":", 1)[1]
+        check_linear_attention_backend(model_type)
+        model, processor = build_tiny(model_type, dtype=dtype)
         model.set_attn_implementation(attn) if attn != "sdpa" else None
     else:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)

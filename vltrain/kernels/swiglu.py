@@ -103,12 +103,13 @@ def swiglu_mlps(model, model_type: str) -> list[nn.Module]:
 def patch_swiglu(model, model_type: str) -> list[str]:
     """Patch every SwiGLU MLP under `model`; one entry per class, [] if none is new."""
     counts: dict[str, int] = {}
+    widths: dict[str, tuple[int, int]] = {}  # class -> (intermediate size, its alignment pad)
     for mlp in swiglu_mlps(model, model_type):
         if getattr(mlp.__dict__.get("forward"), "__func__", None) is _fused_swiglu_forward:
             continue
         mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
         counts[type(mlp).__name__] = counts.get(type(mlp).__name__, 0) + 1
-    pads = {type(m).__name__: (m.gate_proj.weight.shape[0], _alignment_pad(m)) for m in swiglu_mlps(model, model_type)}
+        widths[type(mlp).__name__] = (mlp.gate_proj.weight.shape[0], _alignment_pad(mlp))
     return [f"swiglu: {name}.forward x{n} (liger silu_mul" +
-            (f"; intermediate {pads[name][0]} padded to {sum(pads[name])} on CUDA)" if pads[name][1] else ")")
+            (f"; intermediate {widths[name][0]} padded to {sum(widths[name])} on CUDA)" if widths[name][1] else ")")
             for name, n in counts.items()]
