@@ -67,6 +67,12 @@ class DataConfig(MediaConfig):
     packing: bool = False
     # Fill micro-batches up to this many tokens instead of train.micro_batch_size samples (None: off).
     max_tokens_per_batch: int | None = None
+    # Samples that cannot be used are skipped and logged (file, index, id, reason); the run stops with an
+    # error once the skipped samples exceed this fraction of the dataset.
+    max_bad_fraction: float = 0.05
+    # What happens to <think> blocks of thinking models (Qwen3-VL-Thinking, Qwen3.5): "keep" trains
+    # them as text in every assistant turn; "off" trains non-thinking answers (the template's empty block).
+    thinking: Literal["keep", "off"] = "keep"
 
     def validate(self) -> None:
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_seq_length:
@@ -83,6 +89,8 @@ class DataConfig(MediaConfig):
                 raise ValueError(f"data.{name}_resized_width and data.{name}_resized_height must be set together")
         if self.max_seq_length < 16:
             raise ValueError(f"data.max_seq_length must be at least 16, got {self.max_seq_length}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.nframes is not None and self.nframes < 2:
             raise ValueError(f"data.nframes must be at least 2, got {self.nframes}")
 
@@ -193,12 +201,16 @@ class TrainConfig:
     run_name: str | None = None
     resume: str | None = None  # "auto" or a checkpoint folder
     eval_exact_match: int = 0  # after training: exact-match accuracy of greedy answers on this many eval samples
+    # A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run.
+    max_bad_steps: int = 5
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("set train.max_steps > 0 or train.num_epochs > 0")
 
