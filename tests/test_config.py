@@ -9,7 +9,7 @@ from conftest import REPO
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(SFTConfig, path, ["data.train_path=x.json"])
+    cfg = load_config(SFTConfig, path, [] if path.name == "demo.yaml" else ["data.train_path=x.json"])
     assert cfg.model.name_or_path
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), "each shipped config opens with a comment"
@@ -48,10 +48,16 @@ def test_dump_and_reload_roundtrip(tmp_path):
 
 
 def test_recipe_argv_parsing(tmp_path):
-    from recipes.sft import DEFAULT_CONFIG, setup
+    from recipes.sft import setup
+    from vltrain.run import CONFIGS_DIR
 
-    assert setup([]) == load_config(SFTConfig, DEFAULT_CONFIG)
-    assert setup(["train.max_steps=3"]).train.max_steps == 3
+    demo = load_config(SFTConfig, CONFIGS_DIR / "demo.yaml")
+    assert setup([]) == demo  # no argument at all: the demo
+    assert setup(["demo", "train.max_steps=3"]).train.max_steps == 3  # a shipped config by name
+    assert setup(["demo", "train.max_steps=3"]).data.max_seq_length == demo.data.max_seq_length
+    # overrides alone start from the dataclass defaults, never silently from the demo
+    alone = setup(["train.max_steps=3"])
+    assert alone.train.max_steps == 3 and alone.data.max_seq_length == SFTConfig().data.max_seq_length != 256
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train_path: x.json\ntrain:\n  seed: 5\n")
     cfg = setup([str(path), "train.seed=6"])
@@ -60,23 +66,35 @@ def test_recipe_argv_parsing(tmp_path):
         setup([str(tmp_path / "missing.yaml")])
 
 
-def test_recipe_reports_bad_config_and_bad_data_in_one_line(tmp_path):
-    import subprocess
-    import sys
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  train_path: x.json\ntrain:\n  seed: [5\n  lr: 3\n")
+    with pytest.raises(ValueError, match=rf"{path}:\d+:\d+: not valid YAML"):
+        load_config(SFTConfig, path)
 
-    from conftest import REPO
 
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"id": "broken", "image": ["a.png", "b.png"], "conversations": '
-                   '[{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]')
-    runs = {
-        "config": ["optim.lr=abc"],
-        "data": [f"data.train_path={bad}", f"train.output_dir={tmp_path / 'out'}", "train.report_to=none"],
-    }
-    for kind, args in runs.items():
-        proc = subprocess.run([sys.executable, "recipes/sft.py", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 1
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"{kind} error:") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "sample 0 (id='broken')" in last and "placeholders" in last
+@pytest.mark.parametrize("overrides, field", [
+    (["lora.rank=8"], "lora.rank"),
+    (["lora.alpha=16"], "lora.alpha"),
+    (["lora.namespan_exclude=[mlp]"], "lora.namespan_exclude"),
+    (["train.eval_every=5"], "train.eval_every"),
+    (["train.eval_exact_match=10"], "train.eval_exact_match"),
+])
+def test_orphaned_options_are_errors(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(SFTConfig, None, ["data.train_path=x.json", *overrides])
+    # the same options are fine with what they depend on
+    extra = ["lora.enabled=true", "trainable.freeze_llm=true"] if field.startswith("lora") else ["data.eval_path=e.json"]
+    load_config(SFTConfig, None, ["data.train_path=x.json", *overrides, *extra])
+
+
+def test_model_paths_that_are_not_models_give_one_line_errors(tmp_path):
+    from vltrain.config import ModelConfig
+    from vltrain.models import load_model
+
+    (tmp_path / "weights.bin").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for name, message in [(tmp_path / "weights.bin", "is a file"), (tmp_path / "empty", "without config.json"),
+                          (tmp_path / "nowhere" / "model", "no such folder")]:
+        with pytest.raises(ValueError, match=message):
+            load_model(ModelConfig(name_or_path=str(name), attn_implementation="sdpa"))

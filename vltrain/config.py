@@ -135,6 +135,11 @@ class LoraConfig:
             for name in ("use_dora", "vision_lora", "vision_lora_merger", "moe_experts", "merge_on_export"):
                 if getattr(lora, name):
                     raise ValueError(f"lora.{name}=true needs lora.enabled=true")
+            defaults = LoraConfig()
+            for name in ("rank", "alpha", "dropout", "bias", "namespan_exclude", "num_lora_modules"):
+                if getattr(lora, name) != getattr(defaults, name):
+                    raise ValueError(f"lora.{name}={getattr(lora, name)!r} only means something with lora.enabled=true "
+                                     f"(set lora.enabled=true, or drop lora.{name})")
             if lora.bits != 16:
                 raise ValueError(f"lora.bits={lora.bits} (QLoRA) needs lora.enabled=true")
             return
@@ -228,6 +233,10 @@ class SFTConfig:
         for section in (self.model, self.data, self.trainable, self.optim, self.train):
             section.validate()
         self.lora.validate(self.trainable)
+        synthetic = self.data.train_path.startswith("synthetic:")  # the demo generates its eval split
+        for name in ("eval_every", "eval_exact_match"):
+            if getattr(self.train, name) and not (self.data.eval_path or synthetic):
+                raise ValueError(f"train.{name}={getattr(self.train, name)} needs data.eval_path (there is nothing to evaluate on)")
         if not self.data.train_path and not self.model.name_or_path.startswith("tiny:"):
             raise ValueError("data.train_path is required")
 
@@ -332,7 +341,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ValueError(f"config file {where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(tree, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
     for item in overrides or []:

@@ -63,3 +63,55 @@ def fill_deepspeed_auto(accelerator, model, max_grad_norm: float) -> None:
     for key, value in values.items():
         if zero.get(key) == "auto":
             zero[key] = value
+
+
+def build_accelerator(train_cfg):
+    """The Accelerator every recipe uses: accumulation counted by us (not by the dataloader), seedable
+    samplers (resume-exact shuffling), trackers from `train.report_to`, logs under `train.output_dir`."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+    return Accelerator(
+        **accelerator_device_kwargs(),  # CPU gloo runs (plain and DeepSpeed) need it said explicitly
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train_cfg.gradient_accumulation_steps, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
+        project_dir=train_cfg.output_dir,
+    )
+
+
+def prepare_frozen_model(accelerator, model):
+    """Place a frozen model (a DPO / GRPO reference) the way the policy is placed, without making it part of
+    the training state. Call it after `accelerator.prepare(policy, ...)` (DeepSpeed's `auto` values are then
+    resolved).
+    - DeepSpeed: its own inference engine from the policy's config without optimizer -- ZeRO-3 keeps it sharded
+      like the policy (parameter offload included); under ZeRO-0/1/2 the weights are whole on every rank.
+    - FSDP2: sharded by accelerate's own FSDP2 wrapping (the policy's auto-wrap policy and mixed precision).
+    - otherwise: moved to the device, with the policy's autocast; no DDP wrapper (nothing to all-reduce).
+    It is never registered with the accelerator, so `save_state` / `load_state` never see it."""
+    import copy
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        import deepspeed
+
+        config = copy.deepcopy(plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        zero = config.setdefault("zero_optimization", {})
+        if zero.get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        model = fsdp2_prepare_model(accelerator, model)
+        model.eval()
+        return model
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    if model in accelerator._models:
+        accelerator._models.remove(model)  # checkpoints hold the policy only
+    return model

@@ -164,7 +164,9 @@ def load_model_for_lora(model_cfg, lora_cfg, device=None):
     device_map = {"": str(device) if device is not None else "cpu"}
     name = model_cfg.name_or_path
     if qcfg.llm_int8_skip_modules is None:
-        spec = family_spec(AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code))
+        from vltrain.models import _load_config
+
+        spec = family_spec(_load_config(name, model_cfg.trust_remote_code))
         qcfg.llm_int8_skip_modules = [spec.vision_module, spec.lm_head]
     if not name.startswith("tiny:"):
         return load_model(model_cfg, quantization_config=qcfg, device_map=device_map)

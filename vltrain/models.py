@@ -45,6 +45,25 @@ def check_linear_attention_backend(model_type: str) -> None:
             "Triton to >= 3.7.1, install tilelang, or uninstall flash-linear-attention (slower torch fallback).")
 
 
+def _load_config(name: str, trust_remote_code: bool):
+    """The model's config, or one line saying why `model.name_or_path` is not a model."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model.name_or_path={name!r} is a file; it must be a model folder (with config.json) or a hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model.name_or_path={name!r} is a folder without config.json: not a saved model")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise ValueError(f"model.name_or_path={name!r}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:  # a hub id that cannot be reached or does not exist
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model.name_or_path={name!r}: cannot load its config ({first})") from None
+
+
 def load_model(model_cfg, **from_pretrained_kwargs):
     """(model, processor) for `model_cfg`; the family is checked from `config.model_type` before loading."""
     dtype = DTYPES[model_cfg.dtype]
@@ -58,7 +77,7 @@ def load_model(model_cfg, **from_pretrained_kwargs):
         model, processor = build_tiny(model_type, dtype=dtype)
         model.set_attn_implementation(attn) if attn != "sdpa" else None
     else:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+        config = _load_config(name, model_cfg.trust_remote_code)
         family_spec(config)  # a clear error for a model that is not a supported Qwen-VL family
         check_linear_attention_backend(config.model_type)
         model = AutoModelForImageTextToText.from_pretrained(

@@ -38,10 +38,20 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+_FORMATS = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}"), "grad_norm": ("grad", "{:.3f}"),
+            "tokens_per_s": ("tok/s", "{:,.0f}"), "memory_gib": ("mem", "{:.2f} GiB")}
+_NOT_SHOWN = ("epoch",)
+
+
 def format_step(step: int, total: int, metrics: dict) -> str:
-    """`step   12/300 | loss 1.2345 | lr 2.00e-05 | grad 0.812 | tok/s 12,345 | mem 3.21 GiB`"""
+    """`step   12/300 | loss 1.2345 | lr 2.00e-05 | grad 0.812 | tok/s 12,345 | mem 3.21 GiB | other 0.5`
+
+    Any metrics dict: the known keys in that order and format, every other number after them (`{:.4g}`)."""
     width = len(str(total))
-    return (
-        f"step {step:>{width}}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-        f"grad {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | mem {metrics['memory_gib']:.2f} GiB"
-    )
+    parts = [f"step {step:>{width}}/{total}"]
+    for key, (label, fmt) in _FORMATS.items():
+        if key in metrics:
+            parts.append(f"{label} {fmt.format(metrics[key])}")
+    parts += [f"{key} {value:.4g}" for key, value in metrics.items()
+              if key not in _FORMATS and key not in _NOT_SHOWN and isinstance(value, (int, float))]
+    return " | ".join(parts)

@@ -1,0 +1,59 @@
+"""DataLoaders from `data.*`: the collator (padding or packing), the batching (samples or a token budget) and
+the workers, chosen the same way for every loop.
+
+    from vltrain.data.dataset import SFTDataset
+    from vltrain.data.loader import build_loader
+    from vltrain.data.media import MediaOptions
+
+    media = MediaOptions.from_config(cfg.data, image_factor=spec.image_factor)
+    dataset = SFTDataset(cfg.data.train_path, processor, media, max_seq_length=cfg.data.max_seq_length,
+                         image_folder=cfg.data.image_folder)
+    loader = build_loader(dataset, cfg.data, processor, model.config, micro_batch_size=2, shuffle=True, seed=0)
+
+A batch is a dict of tensors (see vltrain.data.dataset / vltrain.data.packing) plus per-sample lists (`id`,
+extra record fields) and the data layer's skip / truncation records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from vltrain.data.dataset import PadCollator
+from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
+from vltrain.tracking import print0
+
+
+def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size: int, shuffle: bool,
+                 seed: int = 0, collate_fn=None) -> DataLoader:
+    """A DataLoader over `dataset`: packed rows when `data.packing` (per-example mRoPE ids need the model's
+    `config`), else right-padded batches; `data.max_tokens_per_batch` fills micro-batches to a token budget
+    instead of `micro_batch_size` samples (every example's length is measured once, up front)."""
+    from vltrain.faults import worker_init_fn
+
+    if collate_fn is None:
+        collate_fn = PackCollator(model_config) if data_cfg.packing else PadCollator(processor.tokenizer.pad_token_id)
+    common = dict(num_workers=data_cfg.num_workers, collate_fn=collate_fn,
+                  persistent_workers=data_cfg.num_workers > 0,
+                  worker_init_fn=worker_init_fn if data_cfg.num_workers > 0 else None)
+    if data_cfg.max_tokens_per_batch:
+        lengths = example_lengths(dataset, data_cfg.num_workers)
+        sampler = TokenBudgetBatchSampler(lengths, data_cfg.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+        print0(f"token budget {data_cfg.max_tokens_per_batch}: {len(dataset)} samples -> {len(sampler)} "
+               f"micro-batches of {sampler.mean_tokens_per_batch():.0f} tokens on average")
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=micro_batch_size, shuffle=shuffle, drop_last=False, **common)
+
+
+def resolve_synthetic_data(data_cfg, output_dir) -> None:
+    """`data.train_path: synthetic:shapes` (the demo): write the generated dataset under `output_dir/data` and
+    point `data.train_path`, `data.eval_path` and `data.image_folder` at it (in place). Call it on one process
+    first (the files are deterministic)."""
+    if not data_cfg.train_path.startswith("synthetic:"):
+        return
+    from vltrain.synthetic import write_shapes_dataset
+
+    train_path, eval_path = write_shapes_dataset(Path(output_dir) / "data")
+    data_cfg.train_path, data_cfg.eval_path = str(train_path), str(eval_path)
+    data_cfg.image_folder = str(Path(train_path).parent / "images")

@@ -1,0 +1,95 @@
+"""What every recipe does around its loop: parse argv into a config, open the run (output folder, resolved
+config, trackers), close it (summary.json, where the outputs are, `end_training`), and turn user mistakes into
+one-line errors.
+
+    if __name__ == "__main__":
+        run_recipe(setup, main)      # setup(argv) -> config; main(config) -> summary dict
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from vltrain.config import config_to_dict, dump_config, load_config
+from vltrain.tracking import print0, setup_logging
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def parse_config(cls, argv: list[str], *, default: str | None = None):
+    """argv: `[CONFIG] [section.field=value ...]`. CONFIG is a YAML path or the name of a shipped config
+    (`demo`, `sft_full`, ...: recipes/configs/NAME.yaml). With no argument at all the recipe's `default`
+    config runs (its demo); overrides without a CONFIG start from the dataclass defaults -- said on stdout,
+    so a run never silently inherits the demo's settings."""
+    if not argv and default is not None:
+        path = CONFIGS_DIR / f"{default}.yaml"
+        print0(f"config: {path} (the default; give a config file or name to train on your data)")
+        return load_config(cls, path, [])
+    path = None
+    if argv and "=" not in argv[0]:
+        path, argv = Path(argv[0]), argv[1:]
+        if not path.suffix and not path.exists() and (CONFIGS_DIR / f"{path}.yaml").is_file():
+            path = CONFIGS_DIR / f"{path}.yaml"
+    print0(f"config: {path if path else 'built-in defaults'}" + (f" + {len(argv)} override(s)" if argv else ""))
+    return load_config(cls, path, argv)
+
+
+def start_run(accelerator, cfg, name: str) -> Path:
+    """Create `train.output_dir`, write and print the resolved config, start the trackers."""
+    output_dir = Path(cfg.train.output_dir)
+    setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, output_dir / "config.yaml")
+        print0("resolved config:\n" + (output_dir / "config.yaml").read_text())
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers(cfg.train.run_name or name, config=flat_config(cfg))
+    return output_dir
+
+
+def finish_run(accelerator, cfg, summary: dict) -> dict:
+    """Write `summary.json`, say where the outputs are, end the trackers and the process group."""
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        where = summary.get("export_dir") or "no export (stopped early)"
+        print0(f"done: {summary.get('steps')} steps; model: {where}; summary: {output_dir / 'summary.json'}; "
+               f"checkpoints: {output_dir / 'checkpoints'}")
+    accelerator.end_training()
+    return summary
+
+
+def flat_config(cfg) -> dict:
+    """`section.field: value` pairs for trackers (which take scalars)."""
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def run_recipe(setup, main, argv: list[str] | None = None) -> None:
+    """`main(setup(argv))` with every user mistake (a bad config, data file or record, model path) ending in
+    one line, exit code 2 for config / data errors and 1 for a run stopped by its faults."""
+    from vltrain.data.formats import DataFormatError
+    from vltrain.faults import NonFiniteError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print((sys.modules[main.__module__].__doc__ or "").strip())
+        print("\nusage: [CONFIG.yaml | shipped config name] [section.field=value ...]; fields: vltrain/config.py")
+        return
+    try:
+        config = setup(argv)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    try:
+        main(config)
+    except DataFormatError as e:  # a malformed record or data file: its file, sample and field
+        sys.exit(f"data error: {e}")
+    except NonFiniteError as e:
+        sys.exit(f"stopped: {e}")
+    except ValueError as e:  # a user mistake found while building (model path, options the model contradicts)
+        sys.exit(f"error: {e}")
