@@ -52,18 +52,14 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
     from vltrain.vision import batch_has_media
     import recipes.sft as recipe
     from conftest import sft_config
-    from torch.utils.data import DataLoader
     from vltrain.families import family_spec
     from vltrain.trainable import param_component
 
     captured = {"has_media": [], "grad_norms": []}
     ctx = {}
 
-    def build_data_unshuffled(cfg, *args, **kwargs):
-        train_loader, eval_loader = real_build_data(cfg, *args, **kwargs)
-        train_loader = DataLoader(train_loader.dataset, batch_size=cfg.train.micro_batch_size, shuffle=False,
-                                  collate_fn=train_loader.collate_fn)
-        return train_loader, eval_loader
+    def build_loader_unshuffled(*args, **kwargs):
+        return real_build_loader(*args, **{**kwargs, "shuffle": False})
 
     def sft_loss_recording(model, batch, num_tokens):
         if not ctx.get("done"):
@@ -102,7 +98,7 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
             checksum=round(sum(float(v.double().sum()) * (i + 1) for i, v in enumerate(local.values())), 6),
         )
 
-    def train_and_capture(cfg, accelerator, model, processor, train_loader, eval_loader=None):
+    def train_and_capture(accelerator, model, train_loader, *args, **kwargs):
         ctx["accelerator"] = accelerator
         real_clip = accelerator.clip_grad_norm_
 
@@ -112,22 +108,15 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
             return norm
 
         accelerator.clip_grad_norm_ = clip_recording
-        # measured inside train(), just before its end_training() (which tears the process group down)
-        real_end = accelerator.end_training
-
-        def measure_then_end():
-            ctx["done"] = True
-            measure(accelerator, train_loader)
-            real_end()
-
-        accelerator.end_training = measure_then_end
-        result = real_train(cfg, accelerator, model, processor, train_loader, eval_loader)
+        result = real_train(accelerator, model, train_loader, *args, **kwargs)
+        ctx["done"] = True
+        measure(accelerator, train_loader)  # the caller ends the process group, after this
         captured.update(losses=result.losses, step=result.step)
         return result
 
-    real_build_data, real_sft_loss, real_train = recipe.build_data, loop.sft_loss, recipe.train
+    real_build_loader, real_sft_loss, real_train = recipe.build_loader, loop.sft_loss, recipe.train
     real_build_scheduler = loop.build_scheduler
-    recipe.build_data, recipe.train = build_data_unshuffled, train_and_capture
+    recipe.build_loader, recipe.train = build_loader_unshuffled, train_and_capture
     loop.sft_loss, loop.build_scheduler = sft_loss_recording, build_scheduler_after_prepare
 
     cfg = sft_config(Path(out).parent, "qwen2_5_vl", data, **{

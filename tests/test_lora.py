@@ -171,10 +171,10 @@ def test_qlora_trains_on_cpu(bits, tmp_path, image_data, monkeypatch):
     captured = {}
     real_train = recipe.train
 
-    def spy(cfg, accelerator, model, *args, **kwargs):
+    def spy(accelerator, model, *args, **kwargs):
         captured["model"] = model
         captured["before"] = _snapshot(model)
-        return real_train(cfg, accelerator, model, *args, **kwargs)
+        return real_train(accelerator, model, *args, **kwargs)
 
     monkeypatch.setattr(recipe, "train", spy)
     cfg = lora_cfg(tmp_path, "qwen2_5_vl", image_data, **{"lora.bits": bits, "model.dtype": "bfloat16",

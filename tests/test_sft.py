@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from loops.sft import count_label_tokens, sft_loss, train
 from recipes.sft import main
+from vltrain.checkpoint import export_model
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
@@ -122,11 +123,13 @@ def test_train_with_objects_built_by_hand(tmp_path, media_dir, mixed_data):
     loader = DataLoader(ds, batch_size=2, shuffle=False, collate_fn=PadCollator(processor.tokenizer.pad_token_id))
     accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1,
                                                                                       sync_with_dataloader=False))
-    result = train(cfg, accelerator, model, processor, loader, eval_loader=loader)
+    result = train(accelerator, model, loader, cfg.train, cfg.optim, eval_loader=loader)
     assert len(result.losses) == 6 and result.step == 6
     assert result.losses[-1] < result.losses[0]
     assert result.eval_losses and result.eval_losses[-1][1] < math.log(512)
-    assert (result.export_dir / "config.json").is_file()
+    export_dir = export_model(accelerator, result.model, processor, cfg, tmp_path / "final")  # the caller exports
+    assert (export_dir / "config.json").is_file()
+    accelerator.end_training()
 
 
 def test_two_process_cpu_run_keeps_weights_in_sync(tmp_path, mixed_data):

@@ -112,6 +112,6 @@ def build_reference(policy, accelerator, *, prepared_policy=None) -> Reference:
     frozen = copy.deepcopy(policy)
     frozen.requires_grad_(False)
     frozen.eval()
-    if getattr(frozen, "is_gradient_checkpointing", False):
+    if getattr(frozen, "is_activation_checkpointing", getattr(frozen, "is_gradient_checkpointing", False)):
         frozen.gradient_checkpointing_disable()  # no backward through the reference: recomputing buys nothing
     return Reference(prepare_frozen_model(accelerator, frozen), adapters_off=False)

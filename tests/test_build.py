@@ -1,0 +1,105 @@
+"""The one build path (vltrain.build) and the reference model of the preference / RL loops."""
+
+import copy
+
+import torch
+
+from vltrain.build import build_model, build_reference
+from vltrain.config import LoraConfig, ModelConfig, TrainableConfig
+from vltrain.data.dataset import PadCollator, SFTDataset
+from vltrain.data.media import MediaOptions
+from vltrain.distributed import build_accelerator
+from vltrain.progress import model_inputs
+
+from conftest import sft_config
+
+
+def _batch(processor, data, media_dir):
+    media = MediaOptions(image_factor=28, image_max_pixels=64 * 64 * 2, video_max_pixels=64 * 64, nframes=4)
+    ds = SFTDataset(data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
+    return PadCollator(processor.tokenizer.pad_token_id)([ds[1], ds[2]])  # image + multi-image samples
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**model_inputs(batch, labels=False)).logits
+
+
+def _train_steps(model, batch, steps=3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**model_inputs(batch)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_build_model_reports_each_stage_in_order():
+    built = build_model(ModelConfig(name_or_path="tiny:qwen2_5_vl", dtype="float32", attn_implementation="sdpa",
+                                    gradient_checkpointing=True, kernels=["patch_embed_linear"]),
+                        TrainableConfig(freeze_llm=True, freeze_vision_tower=True), LoraConfig(enabled=True, rank=4, alpha=8),
+                        packing=True)
+    text = "\n".join(built.report)
+    order = [text.index(key) for key in ("model: tiny:qwen2_5_vl", "packed attention", "kernels: patch_embed_linear",
+                                         "LoRA rank 4", "gradient checkpointing", "parameters:")]
+    assert order == sorted(order), built.report
+    assert hasattr(built.model, "peft_config") and built.spec.model_type == "qwen2_5_vl"
+    assert built.model.config.text_config._attn_implementation == "vltrain_varlen"
+    assert built.trainable["llm"] > 0 and built.trainable["vision"] == 0  # adapters only; frozen tower
+    assert built.model.base_model.model.is_gradient_checkpointing
+
+
+def test_frozen_copy_reference_stays_the_starting_policy(tmp_path, mixed_data, media_dir):
+    cfg = sft_config(tmp_path, "qwen2_5_vl", mixed_data, **{"model.kernels": "[patch_embed_linear]"})
+    built = build_model(cfg.model, cfg.trainable, cfg.lora)
+    accelerator = build_accelerator(cfg.train)
+    policy = built.model
+    reference = build_reference(policy, accelerator)
+    frozen = reference.module
+    assert frozen is not policy and not reference.adapters_off
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert {p.dtype for p in frozen.parameters()} == {p.dtype for p in policy.parameters()}
+    assert frozen._vltrain_kernels == policy._vltrain_kernels  # same instance kernels, rebound to the copy
+    assert frozen.model.visual.patch_embed.forward.__self__ is frozen.model.visual.patch_embed
+    assert policy not in accelerator._models and frozen not in accelerator._models  # never checkpointed
+
+    batch = _batch(built.processor, mixed_data, media_dir)
+    start = _logits(policy, batch)
+    with reference() as model:
+        torch.testing.assert_close(_logits(model, batch), start)
+    _train_steps(policy, batch)
+    assert not torch.allclose(_logits(policy, batch), start, atol=1e-3)  # the policy moved ...
+    with reference() as model:
+        assert not model.training
+        torch.testing.assert_close(_logits(model, batch), start)  # ... the reference did not
+    assert policy.training  # and the policy's mode is untouched
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(tmp_path, mixed_data, media_dir):
+    """No second copy; with adapters off the model is exactly the base, fully trained merger included
+    (peft runs the original copy of each modules_to_save module)."""
+    cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{
+        "lora.enabled": True, "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.1,
+        "trainable.freeze_llm": True, "trainable.freeze_vision_tower": True, "trainable.freeze_merger": False})
+    torch.manual_seed(0)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora)
+    base = copy.deepcopy(built.model.base_model.model)  # LoRA B = 0: the base model's function
+    accelerator = build_accelerator(cfg.train)
+    reference = build_reference(built.model, accelerator, prepared_policy=built.model)
+    assert reference.adapters_off and reference.module is built.model
+
+    batch = _batch(built.processor, mixed_data, media_dir)
+    base.eval()
+    expected = _logits(base, batch)
+    built.model.train()
+    _train_steps(built.model, batch)
+    assert not torch.allclose(_logits(built.model, batch), expected, atol=1e-3)
+    with reference() as model:
+        torch.testing.assert_close(_logits(model, batch), expected)
+    assert built.model.training
+    built.model.eval()
+    assert not torch.allclose(_logits(built.model, batch), expected, atol=1e-3)  # adapters back on after the context
+
+
+def test_build_accelerator_uses_the_accumulation_of_the_config(tmp_path, mixed_data):
+    cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{"train.gradient_accumulation_steps": 3})
+    assert build_accelerator(cfg.train).gradient_accumulation_steps == 3
