@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vltrain.data.dataset import SFTDataset, pad_collate
-from vltrain.data.encode import IGNORE_INDEX, SampleSkipped, encode
+from vltrain.data.encode import IGNORE_INDEX, SampleSkipped, encode, encode_unlabeled
 from vltrain.data.formats import parse_record
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
@@ -91,21 +91,64 @@ def test_video_sample_encodes_with_timestamps_for_qwen3(model_type, media_dir):
 
 
 def test_truncation_cuts_text_but_never_media(media_dir):
+    # The whole-length cut is encode_unlabeled's (encode now drops a cut assistant turn: next test).
     processor = build_tiny_processor("qwen2_vl")
     media = _media("qwen2_vl")
     conv = parse_record({"id": "long", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "word " * 200}]}, 0)
-    full = encode(conv, processor, media, max_seq_length=100000, image_folder=str(media_dir))
+    full = encode_unlabeled(conv, processor, media, image_folder=str(media_dir))
     media_end = int((full["mm_token_type_ids"] != 0).nonzero().max())
-    cut = encode(conv, processor, media, max_seq_length=media_end + 20, image_folder=str(media_dir))
+    cut = encode_unlabeled(conv, processor, media, max_seq_length=media_end + 20, image_folder=str(media_dir))
     assert len(cut["input_ids"]) == media_end + 20
     assert torch.equal(cut["input_ids"], full["input_ids"][: media_end + 20])
     assert (cut["mm_token_type_ids"] != 0).sum() == (full["mm_token_type_ids"] != 0).sum()
-    with pytest.raises(SampleSkipped, match="long"):
-        encode(conv, processor, media, max_seq_length=media_end, image_folder=str(media_dir))
+    assert cut["truncated"] == [{"file": "data", "index": 0, "id": "long", "tokens_before": len(full["input_ids"]),
+                                 "tokens_after": media_end + 20}]
+    for fn in (encode, encode_unlabeled):
+        with pytest.raises(SampleSkipped, match="long"):
+            fn(conv, processor, media, max_seq_length=media_end, image_folder=str(media_dir))
 
 
-def test_dataset_skips_and_counts_unusable_samples(media_dir, tmp_path):
+def _two_turns(second_reply):
+    return parse_record({"id": "two", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a circle"},
+        {"from": "human", "value": "And?"}, {"from": "gpt", "value": second_reply}]}, 5, "train.json")
+
+
+def test_a_cut_assistant_turn_is_not_trained_earlier_turns_are(media_dir, caplog):
+    processor = build_tiny_processor("qwen2_vl")
+    tok, media = processor.tokenizer, _media("qwen2_vl")
+    conv = _two_turns("word " * 100)
+    full = encode(conv, processor, media, max_seq_length=100000, image_folder=str(media_dir))
+    assert full["truncated"] == []
+    first_end = int((full["input_ids"] == tok.convert_tokens_to_ids("<|im_end|>")).nonzero()[2])  # 1st reply's end
+    limit = len(full["input_ids"]) - 50  # inside the second reply
+    with caplog.at_level("WARNING", logger="vltrain.data.encode"):
+        cut = encode(conv, processor, media, max_seq_length=limit, image_folder=str(media_dir))
+    assert [tok.decode(s) for s in _segments(cut["labels"], cut["input_ids"])] == ["a circle<|im_end|>"]
+    # the sequence ends with the last trained token; the cut reply would only cost compute
+    assert len(cut["input_ids"]) == first_end + 1
+    assert torch.equal(cut["input_ids"], full["input_ids"][: first_end + 1])
+    assert cut["truncated"] == [{"file": "train.json", "index": 5, "id": "two",
+                                 "tokens_before": len(full["input_ids"]), "tokens_after": first_end + 1}]
+    assert any("'two'" in r.getMessage() and str(len(full["input_ids"])) in r.getMessage() for r in caplog.records)
+    # cut exactly after the second reply's <|im_end|>: both replies are complete and train
+    end = int((full["input_ids"] == tok.convert_tokens_to_ids("<|im_end|>")).nonzero()[-1]) + 1
+    both = encode(conv, processor, media, max_seq_length=end, image_folder=str(media_dir))
+    assert len(_segments(both["labels"], both["input_ids"])) == 2 and len(both["input_ids"]) == end
+
+
+def test_nothing_complete_left_is_skipped(media_dir):
+    processor = build_tiny_processor("qwen2_vl")
+    media = _media("qwen2_vl")
+    conv = parse_record({"id": "one", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "word " * 100}]}, 0)
+    with pytest.raises(SampleSkipped, match="no complete assistant turn") as info:
+        encode(conv, processor, media, max_seq_length=40, image_folder=str(media_dir))
+    assert info.value.sample_id == "one" and "max_seq_length=40" in info.value.reason
+
+
+def test_dataset_skips_and_records_unusable_samples(media_dir, tmp_path):
     import json
 
     records = mixed_records()[:2] + [{"id": "missing", "image": "nope.png", "conversations": [
@@ -114,11 +157,14 @@ def test_dataset_skips_and_counts_unusable_samples(media_dir, tmp_path):
     path.write_text(json.dumps(records))
     processor = build_tiny_processor("qwen2_vl")
     ds = SFTDataset(path, processor, _media("qwen2_vl"), max_seq_length=4096, image_folder=str(media_dir))
-    example = ds[2]  # unreadable -> replaced by the next sample (wraps to 0), counted
-    assert int(example["num_skipped"]) == 1
-    assert torch.equal(example["input_ids"], ds.encode(0)["input_ids"])
+    example = ds[2]  # unreadable -> replaced by the next sample (wraps to 0), recorded
+    [record] = example["skipped"]
+    assert record["file"] == str(path) and record["index"] == 2 and record["id"] == "missing"
+    assert "nope.png" in record["reason"]
+    assert example["id"] == "text" and torch.equal(example["input_ids"], ds.encode(0)["input_ids"])
     batch = pad_collate([ds[0], ds[1], ds[2]], processor.tokenizer.pad_token_id)
-    assert batch["num_skipped"] == 1 and batch["input_ids"].shape[0] == 3
+    assert batch["skipped"] == [record] and batch["input_ids"].shape[0] == 3
+    assert batch["id"] == ["text", "img", "text"]
 
 
 def test_pad_collate_mixed_batch(media_dir, mixed_data):

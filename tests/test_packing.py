@@ -43,7 +43,8 @@ def _examples(model_type, processor, media_dir, mixed_data):
 
 
 def _inputs(batch):
-    return {k: v for k, v in batch.items() if k != "num_skipped"}
+    """The model's inputs: the tensors (ids, skip / truncation records and extra fields are lists)."""
+    return {k: v for k, v in batch.items() if torch.is_tensor(v)}
 
 
 def _packed_and_stock(model_type, device="cpu", dtype=torch.float32):

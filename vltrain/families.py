@@ -31,6 +31,9 @@ class FamilySpec:
     llm_module: str = "model.language_model"
     llm_layers: str = "model.language_model.layers"
     lm_head: str = "lm_head"
+    # "module:Class" of the inner model whose `get_rope_index` gives the mRoPE ids (data.packing runs it
+    # without weights in loader workers); a string, so the spec stays picklable.
+    rope_index_model: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -53,23 +56,33 @@ _QWEN3_MLP = r"mlp\.linear_fc(1|2)"
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 FAMILIES: dict[str, FamilySpec] = {
-    "qwen2_vl": FamilySpec("qwen2_vl", vision_mlp=r"mlp\.fc(1|2)"),
-    "qwen2_5_vl": FamilySpec("qwen2_5_vl", vision_mlp=r"mlp\.(gate|up|down)_proj", window_attention=True),
+    "qwen2_vl": FamilySpec("qwen2_vl", vision_mlp=r"mlp\.fc(1|2)",
+                           rope_index_model="transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLModel"),
+    "qwen2_5_vl": FamilySpec("qwen2_5_vl", vision_mlp=r"mlp\.(gate|up|down)_proj", window_attention=True,
+                             rope_index_model="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel"),
     "qwen3_vl": FamilySpec(
-        "qwen3_vl", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16,
+        "qwen3_vl",
+        rope_index_model="transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLModel",
+        vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16,
         merger_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
     ),
     "qwen3_vl_moe": FamilySpec(
-        "qwen3_vl_moe", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, moe=True,
+        "qwen3_vl_moe",
+        rope_index_model="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeModel",
+        vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, moe=True,
         merger_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
         llm_lora_targets=r"self_attn\.(q|k|v|o)_proj", moe_expert_parameters=_EXPERTS,
     ),
     "qwen3_5": FamilySpec(
-        "qwen3_5", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
+        "qwen3_5",
+        rope_index_model="transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5Model",
+        vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
         llm_lora_targets=f"{_LLM_ATTN_MLP}|{_LLM_LINEAR_ATTN}",
     ),
     "qwen3_5_moe": FamilySpec(
-        "qwen3_5_moe", vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
+        "qwen3_5_moe",
+        rope_index_model="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeModel",
+        vision_mlp=_QWEN3_MLP, timestamped_video=True, patch_size=16, linear_attention=True,
         moe=True, moe_expert_parameters=_EXPERTS,
         llm_lora_targets=rf"self_attn\.(q|k|v|o)_proj|{_LLM_LINEAR_ATTN}|mlp\.shared_expert\.(gate|up|down)_proj",
     ),

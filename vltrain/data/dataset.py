@@ -1,89 +1,139 @@
-"""The SFT dataset (records validated up front, media decoded lazily in loader workers) and collator."""
+"""The SFT dataset (records validated up front, media decoded lazily in loader workers) and the padding collator.
+
+Every Example carries, besides its tensors (vltrain.data.encode):
+  id: the sample id; truncated: [] or one truncation record; skipped: skip records
+  (vltrain.data.skips) of the samples that were tried and replaced by this one, usually [];
+  and the record's extra fields (`Conversation.extra`) under their own names.
+Both collators concatenate `skipped` and `truncated` over the batch and turn every key they do not know
+into a list in sample order (`batch["id"] == ["a", "b"]`, reward columns, class labels).
+"""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS, SampleSkipped, encode
-from vltrain.data.formats import load_conversations
+from vltrain.data.formats import Conversation, DataFormatError, load_conversations
 from vltrain.data.media import MediaError, MediaOptions
+from vltrain.data.skips import skip_record
 
-log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 16
+RECORD_LISTS = ("skipped", "truncated")  # lists of records, concatenated over the batch
+# Keys the collators build themselves; a record's extra field may not take one of these names.
+RESERVED_KEYS = frozenset(("input_ids", "labels", "mm_token_type_ids", "attention_mask", "position_ids", "id",
+                           *MEDIA_KEYS, *RECORD_LISTS))
 
 
 class SFTDataset(Dataset):
-    """Conversations from a LLaVA JSON/JSONL or messages file, encoded on access.
+    """Conversations (a LLaVA JSON/JSONL or messages file, or already-parsed Conversations), encoded on access.
 
-    A sample that cannot be used (too long for `max_seq_length`, unreadable media) is logged with its
-    reason and replaced by the next one; the Example carries `num_skipped` so the loop can count
-    skips across workers and ranks.
+    A sample that cannot be used (unreadable media, too long for `max_seq_length`, no supervised tokens,
+    a processor error) is logged with its file, index, id and reason and replaced by the next one; the
+    replacement Example lists it in `skipped` so the loop's SkipLedger can count skips across workers and
+    ranks. `max_consecutive_skips` replacements in a row from one index raise (the data is unusable).
+    `source` names the file in skip / truncation records of Conversations passed in directly.
     """
 
-    def __init__(self, path, processor, media: MediaOptions, *, max_seq_length: int, image_folder=None,
-                 system_prompt=None):
-        self.path = str(path)
-        self.conversations = load_conversations(path)
-        if not self.conversations:
-            raise ValueError(f"data file {self.path!r} holds no records")
+    def __init__(self, path_or_conversations: str | Path | list[Conversation], processor, media: MediaOptions, *,
+                 max_seq_length: int, image_folder=None, system_prompt=None, thinking: str = "keep",
+                 source: str | None = None, max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
+        if isinstance(path_or_conversations, (str, Path)):
+            conversations = load_conversations(path_or_conversations)
+            source = source or str(path_or_conversations)
+        else:
+            conversations = list(path_or_conversations)
+        if not conversations:
+            raise DataFormatError(f"{source or 'SFTDataset'}: no conversations")
+        self.conversations = [self._checked(c, i, source) for i, c in enumerate(conversations)]
+        self.path = source or self.conversations[0].source
         self.processor = processor
         self.media = media
         self.max_seq_length = max_seq_length
         self.image_folder = image_folder
         self.system_prompt = system_prompt
+        self.thinking = thinking
+        self.max_consecutive_skips = max_consecutive_skips
+
+    @staticmethod
+    def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:
+        """`conv` with its source / index filled in; prompt-only records and reserved extra names refused."""
+        if source is not None or conv.index is None:
+            conv = dataclasses.replace(conv, source=source or conv.source,
+                                       index=position if conv.index is None else conv.index)
+        where = f"{conv.source}: sample {conv.index} (id={conv.sample_id!r})"
+        if not conv.has_reply:
+            raise DataFormatError(f"{where}: ends with a user turn, so there is no assistant reply to train on")
+        clash = sorted(RESERVED_KEYS & conv.extra.keys())
+        if clash:
+            raise DataFormatError(f"{where}: field {clash[0]!r} would overwrite the Example's own {clash[0]!r}; "
+                                  "rename it in the data file")
+        return conv
 
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def encode(self, index: int) -> dict[str, torch.Tensor]:
-        return encode(
-            self.conversations[index], self.processor, self.media,
-            max_seq_length=self.max_seq_length, image_folder=self.image_folder, system_prompt=self.system_prompt,
-        )
+    def encode(self, index: int) -> dict:
+        conv = self.conversations[index]
+        example = encode(conv, self.processor, self.media, max_seq_length=self.max_seq_length,
+                         image_folder=self.image_folder, system_prompt=self.system_prompt, thinking=self.thinking)
+        return example | conv.extra
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for offset in range(MAX_CONSECUTIVE_SKIPS):
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for offset in range(self.max_consecutive_skips):
             i = (index + offset) % len(self)
             try:
                 example = self.encode(i)
             except (SampleSkipped, MediaError) as e:
-                log.warning("skipping %s: %s", self.path, e)
+                conv = self.conversations[i]
+                skipped.append(skip_record(conv.source, conv.index, conv.sample_id, getattr(e, "reason", str(e))))
                 continue
-            example["num_skipped"] = torch.tensor(offset)
+            example["skipped"] = skipped
             return example
         raise RuntimeError(
-            f"{self.path}: {MAX_CONSECUTIVE_SKIPS} consecutive samples from index {index} could not be used; "
+            f"{self.path}: {self.max_consecutive_skips} consecutive samples from index {index} could not be used; "
             "see the warnings above (max_seq_length too small? media missing?)"
         )
 
 
-def pad_collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; media tensors concatenated in sample order."""
+def collate_extras(examples: list[dict], known) -> dict:
+    """Media tensors concatenated in example order, skip / truncation records concatenated, and every key
+    not in `known` as a list in sample order (None where an example lacks it). Both collators use it."""
+    out = {key: torch.cat([e[key] for e in examples if key in e]) for key in MEDIA_KEYS
+           if any(key in e for e in examples)}
+    for key in RECORD_LISTS:
+        out[key] = [record for e in examples for record in e.get(key, ())]
+    seen = known | set(MEDIA_KEYS) | set(RECORD_LISTS)
+    for key in dict.fromkeys(k for e in examples for k in e):
+        if key not in seen:
+            out[key] = [e.get(key) for e in examples]
+    return out
+
+
+def pad_collate(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad to the longest example: input_ids, labels (when the examples have them), attention_mask,
+    mm_token_type_ids (B, L); media tensors concatenated in sample order; other keys as lists."""
     length = max(len(e["input_ids"]) for e in examples)
     batch = {
         "input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
-        "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
         "mm_token_type_ids": torch.zeros((len(examples), length), dtype=torch.long),
     }
+    has_labels = ["labels" in e for e in examples]
+    assert all(has_labels) or not any(has_labels), "labelled and unlabelled examples in one batch"
+    if all(has_labels):
+        batch["labels"] = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        batch["input_ids"][row, :n] = e["input_ids"]
-        batch["labels"][row, :n] = e["labels"]
         batch["attention_mask"][row, :n] = 1
-        batch["mm_token_type_ids"][row, :n] = e["mm_token_type_ids"]
-    return batch | media_and_skips(examples)
-
-
-def media_and_skips(examples: list[dict[str, torch.Tensor]]) -> dict:
-    """Media tensors concatenated in example order, and the examples' summed skip counts (both collators)."""
-    out = {key: torch.cat([e[key] for e in examples if key in e]) for key in MEDIA_KEYS
-           if any(key in e for e in examples)}
-    out["num_skipped"] = sum(int(e.get("num_skipped", 0)) for e in examples)
-    return out
+        for key in ("input_ids", "labels", "mm_token_type_ids"):
+            if key in batch:
+                batch[key][row, :n] = e[key]
+    return batch | collate_extras(examples, set(batch))
 
 
 class PadCollator:

@@ -18,7 +18,17 @@ Accepted record shapes (one JSON list file, or JSONL with one record per line):
                   {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "..."}]},
                   {"role": "assistant", "content": "..."}]}
 
-  (`image_url: {"url": ...}` and `video` parts are accepted too.)
+  (`image_url: {"url": ...}` and `video` parts are accepted too; a top-level "system" string works as in
+  LLaVA records.)
+
+Conversation shape, checked for every record: an optional leading system turn, then user and assistant
+turns alternating, starting with a user turn and (unless the caller asks for prompt-only records with
+`require_reply=False`: generation, GRPO) ending with an assistant turn. No turn may be empty (no text
+and no media). Errors name the file, sample index, sample id and the turn index (0-based, as in the
+record's `conversations` / `messages` list).
+
+Every other top-level key of a record (reward columns, class labels, pair ids, ...) is kept in
+`Conversation.extra`, untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from typing import Literal
 PartKind = Literal["text", "image", "video"]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PLACEHOLDER = re.compile(r"\n?(<image>|<video>)\n?")
+_LLAVA_KEYS = ("id", "image", "video", "system", "conversations")
+_MESSAGES_KEYS = ("id", "system", "messages")
 
 
 class DataFormatError(ValueError):
@@ -50,10 +62,23 @@ class Turn:
     parts: list[Part] = field(default_factory=list)
 
 
+    def is_empty(self) -> bool:
+        return not any(p.kind != "text" or p.value.strip() for p in self.parts)
+
+
 @dataclass
 class Conversation:
     sample_id: str
     turns: list[Turn]
+    extra: dict = field(default_factory=dict)  # the record's top-level keys that are not part of the format
+    # Where the record came from, for skip / truncation reports; not part of equality.
+    source: str = field(default="data", compare=False)
+    index: int | None = field(default=None, compare=False)
+
+    @property
+    def has_reply(self) -> bool:
+        """Ends with an assistant turn (trainable); False for a prompt-only record."""
+        return self.turns[-1].role == "assistant"
 
     @property
     def images(self) -> list[str]:
@@ -85,6 +110,10 @@ def read_records(path: str | Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataFormatError(f"{path}: a JSON file must hold a list of records, got a {type(records).__name__}")
+    if not records:
+        raise DataFormatError(f"{path}: the data file holds no records")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataFormatError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
@@ -144,16 +173,8 @@ def _from_llava(record: dict, where: str) -> list[Turn]:
         )
     if images or videos:  # no placeholders at all: media go first in the first user turn
         first_user = next((t for t in turns if t.role == "user"), None)
-        if first_user is None:
-            raise DataFormatError(f"{where}: media given but there is no user turn to attach them to")
-        first_user.parts[:0] = [Part("video", v) for v in videos] + [Part("image", i) for i in images]
-    system = record.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise DataFormatError(f"{where}: field 'system' must be a string")
-        if turns[0].role == "system":
-            raise DataFormatError(f"{where}: both a 'system' field and a system turn")
-        turns.insert(0, Turn("system", [Part("text", system)]))
+        if first_user is not None:  # without a user turn the shape check rejects the record
+            first_user.parts[:0] = [Part("video", v) for v in videos] + [Part("image", i) for i in images]
     return turns
 
 
@@ -202,23 +223,64 @@ def _from_messages(record: dict, where: str) -> list[Turn]:
     return turns
 
 
-def parse_record(record: dict, index: int, source: str = "data") -> Conversation:
-    """Validate one record of either format; the error names `source`, the index and the id."""
+def _check_shape(turns: list[Turn], where: str, require_reply: bool) -> None:
+    """Optional system turn, then user/assistant alternating from a user turn; indices as in the record."""
+    for j, turn in enumerate(turns):
+        at = f"{where} turn {j}"
+        if turn.is_empty():
+            raise DataFormatError(f"{at}: empty {turn.role} turn (no text and no media)")
+        if turn.role == "system":
+            if j > 0:
+                raise DataFormatError(f"{at}: a system turn may only come first")
+            continue
+        previous = turns[j - 1].role if j > 0 else "system"
+        if previous == "system" and turn.role == "assistant":
+            raise DataFormatError(f"{at}: starts with an assistant turn; a conversation starts with a user turn "
+                                  "(after an optional system turn)")
+        if previous == turn.role:
+            raise DataFormatError(f"{at}: two {turn.role} turns in a row")
+    if all(t.role == "system" for t in turns):
+        raise DataFormatError(f"{where}: no user turn")
+    if require_reply and turns[-1].role != "assistant":
+        raise DataFormatError(f"{where} turn {len(turns) - 1}: ends with a user turn, so no assistant turn answers it "
+                              "(prompt-only records are for generation / GRPO)")
+
+
+def parse_record(record: dict, index: int, source: str = "data", *, require_reply: bool = True) -> Conversation:
+    """Validate one record of either format; the error names `source`, the index, the id and the turn.
+
+    `require_reply=False` accepts prompt-only records (ending with a user turn) for generation and GRPO.
+    """
     sample_id = str(record.get("id", index))
     where = f"{source}: sample {index} (id={sample_id!r})"
+    if "conversations" in record and "messages" in record:
+        raise DataFormatError(f"{where}: both 'conversations' and 'messages'; a record uses one format")
     if "conversations" in record:
-        turns = _from_llava(record, where)
+        turns, format_keys = _from_llava(record, where), _LLAVA_KEYS
     elif "messages" in record:
-        turns = _from_messages(record, where)
+        media_fields = [k for k in ("image", "video") if k in record]
+        if media_fields:
+            raise DataFormatError(f"{where}: field {media_fields[0]!r} belongs to LLaVA records; a 'messages' record "
+                                  "gives its media as typed content parts")
+        turns, format_keys = _from_messages(record, where), _MESSAGES_KEYS
     else:
         raise DataFormatError(f"{where}: needs 'conversations' (LLaVA) or 'messages' (OpenAI style)")
-    if any(t.role == "system" for t in turns[1:]):
-        raise DataFormatError(f"{where}: a system turn may only come first")
-    if not any(t.role == "assistant" for t in turns):
-        raise DataFormatError(f"{where}: no assistant turn, so nothing to train on")
-    return Conversation(sample_id, turns)
+    _check_shape(turns, where, require_reply)
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataFormatError(f"{where}: field 'system' must be a string")
+        if turns[0].role == "system":
+            raise DataFormatError(f"{where}: both a 'system' field and a system turn")
+        if system.strip():  # an empty field means "no per-sample system prompt", not an empty system turn
+            turns.insert(0, Turn("system", [Part("text", system)]))
+    extra = {k: v for k, v in record.items() if k not in format_keys}
+    return Conversation(sample_id, turns, extra, source=str(source), index=index)
 
 
-def load_conversations(path: str | Path) -> list[Conversation]:
-    """Every record of a data file, validated up front so a bad one fails before training starts."""
-    return [parse_record(r, i, str(path)) for i, r in enumerate(read_records(path))]
+def load_conversations(path: str | Path, *, require_reply: bool = True) -> list[Conversation]:
+    """Every record of a data file, validated up front so a bad one fails before training starts.
+
+    `require_reply=False` also accepts prompt-only records (see `parse_record`).
+    """
+    return [parse_record(r, i, str(path), require_reply=require_reply) for i, r in enumerate(read_records(path))]
