@@ -25,10 +25,20 @@ attention_mask):
 
 Padding with an attention_mask is not supported in packed mode (the collator never pads: one row per
 micro-batch); a mask that masks something raises.
+
+Generation on a packed model: `stock_attention(model)` is a context manager under which this instance's
+language model runs exactly as before packing -- its text attention back to the implementation it had
+when `enable_packed_attention` was called (recorded then), its gated-delta-net layers on their stock
+forward, `use_cache` on -- and everything is restored on exit, so the model trains packed afterwards.
+`vltrain.generation.generate` enters it for the call. The packed attention itself keeps refusing a KV
+cache and padding: inside a training forward those mean a mistake, and silently deferring to another
+kernel there would hide it. A bare `model.generate` on a packed model still raises; wrap it in
+`stock_attention(model)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -265,6 +275,8 @@ def _set_segments(language_model, args, kwargs):
     (row 0 of the (4, B, L) mRoPE ids), from which it finds where examples start."""
     positions = kwargs.get("position_ids")
     text = positions[0] if positions is not None and positions.ndim == 3 and positions.shape[0] == 4 else None
+    if getattr(language_model, "_vltrain_stock_attention", False):
+        text = None  # inside stock_attention(): every layer runs its stock forward
     for layer in language_model.layers:
         if hasattr(layer, "linear_attn"):
             layer.linear_attn._vltrain_text_positions = text
@@ -294,6 +306,7 @@ def enable_packed_attention(model) -> list[str]:
     base = get_module(model, "")
     done = []
     if base.config.text_config._attn_implementation != ATTN_NAME:
+        base._vltrain_stock_text_attn = base.config.text_config._attn_implementation  # for stock_attention()
         vision_impl = base.config.vision_config._attn_implementation
         base.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": vision_impl})
         if base.config.text_config._attn_implementation != ATTN_NAME:
@@ -308,3 +321,31 @@ def enable_packed_attention(model) -> list[str]:
         base.config.text_config.use_cache = False
         done.append("use_cache off (packed rows are for training)")
     return done
+
+
+@contextlib.contextmanager
+def stock_attention(model):
+    """While active, this packed instance's language model runs as it did before `enable_packed_attention`
+    (its recorded text attention, stock gated-delta-net layers, `use_cache` on): for generation with a KV
+    cache and left padding. Restores the packed setup on exit. Does nothing on an unpacked model."""
+    from vltrain.families import family_spec, get_module
+
+    base = get_module(model, "")
+    text_config = base.config.text_config
+    if text_config._attn_implementation != ATTN_NAME:
+        yield
+        return
+    stock = getattr(base, "_vltrain_stock_text_attn", None)
+    assert stock is not None, "packed attention set without enable_packed_attention"
+    language_model = get_module(model, family_spec(model).llm_module)
+    vision_impl = base.config.vision_config._attn_implementation
+    use_cache = text_config.use_cache
+    base.set_attn_implementation({"text_config": stock, "vision_config": vision_impl})
+    text_config.use_cache = True
+    language_model._vltrain_stock_attention = True
+    try:
+        yield
+    finally:
+        language_model._vltrain_stock_attention = False
+        text_config.use_cache = use_cache
+        base.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": vision_impl})

@@ -1,0 +1,320 @@
+"""Batched generation from prompt conversations: left-padded batches through the model's own `generate`.
+
+`generate(model, processor, conversations, settings, media=...)` encodes each prompt conversation (every
+turn before the reply) with `vltrain.data.encode.process_conversation(..., add_generation_prompt=True)`,
+left-pads input_ids / attention_mask / mm_token_type_ids into batches of `batch_size` (media tensors
+concatenated in prompt order), runs `model.generate` once per batch and returns one `Generation` per
+conversation, in input order: the completion text, its token ids and why it finished.
+
+Policies:
+- Left padding: the Qwen-VL rope index (`get_rope_index`) drops masked tokens before computing mRoPE
+  ids, and decoding continues from `rope_deltas`, so a padded prompt generates what it generates alone
+  (tested: batched == one-by-one token ids, on text / image / multi-image / video prompts).
+- `GenerationSettings` is the whole sampling policy: temperature 0 is greedy (`do_sample=False`);
+  otherwise temperature / top_p / top_k / min_p are applied as given (0 = off for top_k and min_p).
+  Of a checkpoint's `generation_config.json` only what the settings do not name is kept (eos / pad ids).
+- `seed`: sampling runs on a forked RNG seeded with it (CPU and the model's CUDA device), so the same
+  seed, conversations and batch_size give the same completions and the caller's global RNG state is
+  left exactly as it was. `seed=None` draws from (and advances) the global RNG.
+- `stop_strings`: transformers' `StopStringCriteria` stops a sequence once its text contains one; the
+  text is cut right after the first stop string (the stop string is kept, so a reward can parse
+  `</answer>`); `token_ids` end with the token that completed it.
+- `token_ids` are the generated tokens through the first eos token (included), padding removed;
+  `text` is their decoding without special tokens. `finish_reason` is "stop" (eos or a stop string) or
+  "length" (max_new_tokens reached).
+- Packed models (`enable_packed_attention`): the call runs under `attention.stock_attention(model)` --
+  the text attention the model had before packing, KV cache on -- and restores packed attention after.
+- LoRA (peft) models generate through the wrapper's `generate` (adapters active).
+
+Sharded parameters (DeepSpeed ZeRO-3, FSDP2): every rank generates ITS OWN prompts and every forward
+gathers parameters collectively, so all ranks must run the same sequence of forwards. With
+`synced_gpus=True` (default None = True when torch.distributed is initialised with world size > 1):
+transformers keeps a finished rank stepping until every rank is done; every rank runs the same number
+of batches (a rank with fewer prompts generates and discards a dummy batch); and every batch holds an
+image and a video (a batch that lacks one gets an extra row of one dummy image / video token, one merged
+token of zero pixels, generated and discarded), so the vision tower runs on every rank in every prefill,
+as in training (vltrain.vision). Sampling under a seed uses that seed on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from vltrain.data.encode import process_conversation
+from vltrain.data.formats import Conversation
+from vltrain.data.media import MediaOptions
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass
+class GenerationSettings:
+    """How to sample; validated on construction (errors name the field)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name: str, expected: str):
+            raise ValueError(f"GenerationSettings.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "an integer >= 1")
+        if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
+            bad("temperature", "a number >= 0 (0 = greedy)")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = off)")
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "in [0, 1] (0 = off)")
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+            bad("repetition_penalty", "a number > 0 (1 = off)")
+        if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, (list, tuple)) or not all(
+                isinstance(s, str) and s for s in self.stop_strings):
+            bad("stop_strings", "a list of non-empty strings")
+        self.stop_strings = list(self.stop_strings)
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            bad("seed", "None or an integer >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generation_config(self, model, tokenizer):
+        """A transformers GenerationConfig: these settings over the model's eos / pad ids."""
+        from transformers import GenerationConfig
+
+        base = getattr(model, "generation_config", None)
+        eos = getattr(base, "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        pad = getattr(base, "pad_token_id", None)
+        pad = tokenizer.pad_token_id if pad is None else pad
+        if self.greedy:  # neutral values: a checkpoint's sampling defaults must not leak in (nor warn)
+            sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+        else:
+            sampling = dict(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
+                            top_k=self.top_k, min_p=float(self.min_p))
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, repetition_penalty=float(self.repetition_penalty), num_beams=1,
+            stop_strings=self.stop_strings or None, eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling,
+        )
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+# ------------------------------------------------------------------------------------------ batching
+def left_pad_batch(prompts: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Processor outputs (each a batch of one) -> one left-padded batch.
+
+    input_ids / mm_token_type_ids (1, L_i) each -> (B, max L_i), pads at the left; attention_mask (B, L)
+    0 on pads; pixel_values (N_i, D) / image_grid_thw (I_i, 3) and the video ones concatenated in prompt
+    order (the order in which the model scatters media features into media tokens).
+    """
+    if not prompts:
+        raise ValueError("left_pad_batch needs at least one prompt")
+    length = max(p["input_ids"].shape[1] for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    types = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        ids[row, length - n:] = p["input_ids"][0]
+        mask[row, length - n:] = 1 if p.get("attention_mask") is None else p["attention_mask"][0]
+        types[row, length - n:] = p["mm_token_type_ids"][0]
+    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
+    for key in MEDIA_KEYS:
+        parts = [p[key] for p in prompts if p.get(key) is not None]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch
+
+
+def add_dummy_media_row(model, batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[dict, bool]:
+    """(batch with one extra last row holding a dummy image and/or video token where the batch lacks
+    that modality, whether a row was added). The row's media come last, as its tokens do, so the real
+    rows' media order and outputs are unchanged; its completion is discarded by the caller."""
+    from vltrain.vision import dummy_vision_inputs
+
+    need = [kind for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
+            if batch.get(key) is None]
+    if not need:
+        return batch, False
+    pixels, grid = dummy_vision_inputs(model)
+    config = model.config
+    tokens = [config.image_token_id if k == "image" else config.video_token_id for k in need]
+    types = [1 if k == "image" else 2 for k in need]
+    rows, length = batch["input_ids"].shape
+    width = max(length, len(need))
+    out = {}
+    for key, fill, tail in (("input_ids", pad_token_id, tokens), ("attention_mask", 0, [1] * len(need)),
+                            ("mm_token_type_ids", 0, types)):
+        t = batch[key]
+        grown = torch.full((rows + 1, width), fill, dtype=t.dtype)
+        grown[:rows, width - length:] = t
+        if key == "attention_mask":
+            grown[:rows, : width - length] = 0
+        grown[rows, width - len(need):] = torch.tensor(tail, dtype=t.dtype)
+        out[key] = grown
+    for key in MEDIA_KEYS:
+        if batch.get(key) is not None:
+            out[key] = batch[key]
+    for kind in need:
+        out["pixel_values" if kind == "image" else "pixel_values_videos"] = pixels
+        out["image_grid_thw" if kind == "image" else "video_grid_thw"] = grid
+    if "video" in need and batch.get("second_per_grid_ts") is None and "second_per_grid_ts" in _rope_arguments(model):
+        out["second_per_grid_ts"] = torch.ones(1)
+    return out, True
+
+
+class _RowDone:
+    """StoppingCriteria: row `row` is done from its first generated token on."""
+
+    def __init__(self, row: int):
+        self.row = row
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.row] = True
+        return done
+
+
+def _rope_arguments(model) -> tuple[str, ...]:
+    import inspect
+
+    from vltrain.families import get_module
+
+    return tuple(inspect.signature(get_module(model, "model").get_rope_index).parameters)
+
+
+# ------------------------------------------------------------------------------------------ finishing
+def finish(new_tokens: list[int], tokenizer, eos_ids: set[int], stop_strings: list[str]) -> Generation:
+    """One row of `generate`'s new tokens -> Generation (cut at eos or the first stop string)."""
+    for i, token in enumerate(new_tokens):
+        if token in eos_ids:
+            ids = new_tokens[: i + 1]
+            return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, "stop")
+    if stop_strings:
+        # The first prefix whose text holds a stop string is where StopStringCriteria stopped the row;
+        # what follows is padding.
+        for i in range(len(new_tokens)):
+            raw = tokenizer.decode(new_tokens[: i + 1], skip_special_tokens=False)
+            if any(s in raw for s in stop_strings):
+                ids = new_tokens[: i + 1]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                cut = min((text.find(s) + len(s) for s in stop_strings if s in text), default=len(text))
+                return Generation(text[:cut], ids, "stop")
+    return Generation(tokenizer.decode(new_tokens, skip_special_tokens=True), list(new_tokens), "length")
+
+
+def resolve_synced_gpus(synced_gpus: bool | None) -> bool:
+    """None -> True when torch.distributed is initialised with world size > 1."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if synced_gpus is None:
+        return initialised and torch.distributed.get_world_size() > 1
+    if synced_gpus and not initialised:
+        raise ValueError("generate(synced_gpus=True) needs torch.distributed initialised (one process per rank)")
+    return bool(synced_gpus)
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    backend = torch.distributed.get_backend()
+    t = torch.tensor([value], device=device if backend == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def _forked_rng(seed: int | None, device: torch.device):
+    if seed is None:
+        yield
+        return
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------------------ entry
+def generate(model, processor, conversations: list[Conversation], settings: GenerationSettings, *,
+             media: MediaOptions, image_folder: str | None = None, system_prompt: str | None = None,
+             batch_size: int = 8, show_progress: bool = True, synced_gpus: bool | None = None) -> list[Generation]:
+    """Completions of `conversations` (each: the turns before the reply), in order; see the module docstring."""
+    from transformers import StoppingCriteriaList
+
+    from vltrain.attention import stock_attention
+
+    if not isinstance(settings, GenerationSettings):
+        raise ValueError(f"generate: settings must be a GenerationSettings, got {type(settings).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"generate: batch_size must be an integer >= 1, got {batch_size!r}")
+    for conv in conversations:
+        if not conv.turns or conv.turns[-1].role == "assistant":
+            raise ValueError(f"generate: sample {conv.sample_id!r}: a prompt must not end with an assistant turn "
+                             "(pass the turns before the reply)")
+    synced = resolve_synced_gpus(synced_gpus)
+    tokenizer = processor.tokenizer
+    config = settings.generation_config(model, tokenizer)
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else next(iter(eos_ids))
+    device = next(model.parameters()).device
+    batches = [conversations[i: i + batch_size] for i in range(0, len(conversations), batch_size)]
+    num_batches = _max_over_ranks(len(batches), device) if synced else len(batches)
+    was_training = model.training
+    model.eval()
+    results: list[Generation] = []
+    try:
+        with torch.no_grad(), stock_attention(model), _forked_rng(settings.seed, device):
+            for b in tqdm(range(num_batches), desc="generate", disable=not show_progress):
+                convs = batches[b] if b < len(batches) else []
+                prompts = [process_conversation(c, processor, media, image_folder=image_folder,
+                                                system_prompt=system_prompt, add_generation_prompt=True) for c in convs]
+                if prompts:
+                    batch = left_pad_batch(prompts, pad_token_id)
+                else:  # a rank out of prompts keeps its peers' forwards company
+                    batch = {k: torch.zeros((0, 0), dtype=torch.long)
+                             for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+                stopping = None
+                if synced:
+                    batch, added = add_dummy_media_row(model, batch, pad_token_id)
+                    if added:  # the dummy row stops after one token instead of running to max_new_tokens
+                        stopping = StoppingCriteriaList([_RowDone(len(prompts))])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if "pixel_values" in batch or "pixel_values_videos" in batch:
+                    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+                    for key in ("pixel_values", "pixel_values_videos"):
+                        if key in batch:
+                            batch[key] = batch[key].to(dtype)
+                out = model.generate(**batch, generation_config=config, synced_gpus=synced, stopping_criteria=stopping,
+                                     tokenizer=tokenizer if settings.stop_strings else None)
+                new = out[: len(prompts), batch["input_ids"].shape[1]:].tolist()
+                results += [finish(row, tokenizer, eos_ids, settings.stop_strings) for row in new]
+    finally:
+        model.train(was_training)
+    return results
