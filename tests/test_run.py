@@ -1,0 +1,71 @@
+"""Around the loop (vltrain.run + recipes/sft.py): one-line errors, --help, and re-running a finished or
+export-interrupted job with train.resume=auto."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, sft_config
+
+
+def _exit_message(argv, capsys=None):
+    from recipes.sft import main, setup
+    from vltrain.run import run_recipe
+
+    with pytest.raises(SystemExit) as info:
+        run_recipe(setup, main, argv)
+    message = str(info.value.code)
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train.micro_batch_size=many"], r"config error: train\.micro_batch_size must be an integer"),
+    (["lora.rank=8"], r"config error: lora\.rank=8 only means something with lora\.enabled=true"),
+    (["no_such_config"], r"config error: config file 'no_such_config' does not exist"),
+])
+def test_config_mistakes_end_in_one_line(argv, expected):
+    assert __import__("re").match(expected, _exit_message(argv))
+
+
+def test_data_and_model_mistakes_end_in_one_line(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    message = _exit_message([f"data.train_path={empty}", f"train.output_dir={tmp_path / 'out'}", "train.report_to=none"])
+    assert message.startswith("data error:") and "empty.json" in message
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n{oops\n')
+    message = _exit_message([f"data.train_path={bad}", f"train.output_dir={tmp_path / 'out'}", "train.report_to=none"])
+    assert message.startswith("data error:") and "bad.jsonl:2" in message
+    good = tmp_path / "good.jsonl"
+    good.write_text(bad.read_text().splitlines()[0] + "\n")
+    message = _exit_message([f"data.train_path={good}", f"model.name_or_path={tmp_path / 'no' / 'model'}",
+                             f"train.output_dir={tmp_path / 'out'}", "train.report_to=none"])
+    assert message.startswith("error: model.name_or_path=") and "no such folder" in message
+
+
+def test_help_prints_the_command_and_trains_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "recipes/sft.py", "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0 and "accelerate launch recipes/sft.py" in proc.stdout
+    assert "section.field=value" in proc.stdout
+
+
+def test_a_finished_run_rerun_with_resume_auto_finishes_cleanly(tmp_path, mixed_data):
+    """Resuming from the final-step checkpoint (a finished job re-run, or a job killed during its export)
+    re-exports and writes the summary, with every step's loss."""
+    from recipes.sft import main
+
+    cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{"train.max_steps": 4, "train.save_every": 2})
+    first = main(cfg)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "final")  # as if killed during the export
+    (out / "summary.json").unlink()
+    cfg.train.resume = "auto"
+    again = main(cfg)
+    assert again["steps"] == 4 and again["losses"] == first["losses"] and len(again["losses"]) == 4
+    assert (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == first["final_loss"]
