@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -70,3 +71,93 @@ def test_json_and_jsonl_files_load_the_same(tmp_path):
     (tmp_path / "broken.jsonl").write_text(json.dumps(records[0]) + "\n{oops\n")
     with pytest.raises(DataFormatError, match="broken.jsonl:2"):
         load_conversations(tmp_path / "broken.jsonl")
+
+
+def _llava(*turns, **fields):
+    return {"id": "x", **fields, "conversations": [{"from": role, "value": value} for role, value in turns]}
+
+
+@pytest.mark.parametrize("record, turn, message", [
+    (_llava(("human", "q"), ("system", "s"), ("gpt", "a")), 1, "a system turn may only come first"),
+    (_llava(("human", "q"), ("human", "q2"), ("gpt", "a")), 1, "two user turns in a row"),
+    (_llava(("human", "q"), ("gpt", "a"), ("gpt", "a2")), 2, "two assistant turns in a row"),
+    (_llava(("gpt", "a"), ("human", "q")), 0, "starts with an assistant turn"),
+    (_llava(("system", "s"), ("gpt", "a")), 1, "starts with an assistant turn"),
+    (_llava(("human", "q"), ("gpt", "a"), ("human", "q2")), 2, "ends with a user turn"),
+    (_llava(("human", "q"), ("gpt", "  \n")), 1, "empty assistant turn"),
+    ({"id": "x", "messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "a"}]}, 0,
+     "empty user turn"),
+    ({"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}]}, 1, "two user turns in a row"),
+])
+def test_bad_conversation_shapes_name_file_sample_id_and_turn(record, turn, message):
+    with pytest.raises(DataFormatError) as info:
+        parse_record(record, 3, "train.json")
+    text = str(info.value)
+    assert text.startswith(f"train.json: sample 3 (id='x') turn {turn}: ") and message in text
+    assert "\n" not in text
+
+
+def test_prompt_only_records_are_accepted_when_asked(tmp_path):
+    record = _llava(("human", "q"), ("gpt", "a"), ("human", "q2"))
+    conv = parse_record(record, 0, require_reply=False)
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user"] and not conv.has_reply
+    (tmp_path / "p.jsonl").write_text(json.dumps(record) + "\n")
+    assert not load_conversations(tmp_path / "p.jsonl", require_reply=False)[0].has_reply
+    with pytest.raises(DataFormatError, match="sample 0 .* turn 2: ends with a user turn"):
+        load_conversations(tmp_path / "p.jsonl")
+    # the other shape rules still hold for prompts
+    with pytest.raises(DataFormatError, match="two user turns in a row"):
+        parse_record(_llava(("human", "q"), ("human", "q")), 0, require_reply=False)
+
+
+def test_an_image_only_turn_is_not_empty():
+    conv = parse_record(_llava(("human", "<image>"), ("gpt", "a"), image="a.jpg"), 0)
+    assert kinds(conv.turns[0]) == [("image", "a.jpg")]
+
+
+@pytest.mark.parametrize("content", ["", "   \n", "[]", "\n\n"])
+def test_an_empty_data_file_names_the_file(tmp_path, content):
+    path = tmp_path / ("empty.json" if content == "[]" else "empty.jsonl")
+    path.write_text(content)
+    with pytest.raises(DataFormatError, match=f"^{re.escape(str(path))}: the data file holds no records$"):
+        load_conversations(path)
+
+
+def test_extra_fields_are_kept_and_format_fields_are_not():
+    conv = parse_record(_llava(("human", "q"), ("gpt", "a"), system="Be brief.", image=[],
+                               reward=[0.5, 1.0], label=3, pair_id="p7"), 0)
+    assert conv.extra == {"reward": [0.5, 1.0], "label": 3, "pair_id": "p7"}
+    conv = parse_record({"id": "m", "messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}], "answer": "a"}, 0)
+    assert conv.extra == {"answer": "a"}
+    assert parse_record(_llava(("human", "q"), ("gpt", "a")), 0).extra == {}
+
+
+def test_source_and_index_are_kept_but_not_compared(tmp_path):
+    records = [_llava(("human", "q"), ("gpt", "a"))] * 2
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    a, b = load_conversations(tmp_path / "a.json"), load_conversations(tmp_path / "b.jsonl")
+    assert a == b and [c.index for c in a] == [0, 1]
+    assert a[1].source == str(tmp_path / "a.json") and b[1].source == str(tmp_path / "b.jsonl")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "image": "a.jpg"},
+     "field 'image' belongs to LLaVA records"),
+    ({"messages": [], "conversations": []}, "both 'conversations' and 'messages'"),
+    (_llava(("system", "s"), ("human", "q"), ("gpt", "a"), system="t"), "both a 'system' field and a system turn"),
+])
+def test_ambiguous_records_are_refused(record, message):
+    with pytest.raises(DataFormatError, match="sample 0") as info:
+        parse_record(record, 0)
+    assert message in str(info.value)
+
+
+def test_system_field_works_for_messages_records_and_empty_means_none():
+    conv = parse_record({"system": "S", "messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]}, 0)
+    assert [t.role for t in conv.turns] == ["system", "user", "assistant"] and "system" not in conv.extra
+    assert [t.role for t in parse_record(_llava(("human", "q"), ("gpt", "a"), system=""), 0).turns] == \
+        ["user", "assistant"]
