@@ -24,12 +24,22 @@ from vltrain.kernels import apply_kernels
 from vltrain.kernels import fused_ce
 from vltrain.logprobs import sequence_ids, sequence_logprobs, token_logprobs, token_logprobs_and_entropy
 from vltrain.lora import apply_lora
+from vltrain.progress import model_inputs
 from vltrain.tiny import build_tiny
 from vltrain.trainable import configure_trainable
 
 from conftest import FAMILIES
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: threads cost more than they give, and the CPU is shared. Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,17 +54,18 @@ def _fresh(model_type):
     return copy.deepcopy(model), processor
 
 
-@functools.lru_cache(maxsize=None)
-def _encoded(model_type, data_path: str, media_dir: str):
-    media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
-                         video_max_pixels=64 * 64, nframes=4)
-    ds = SFTDataset(data_path, _tiny(model_type)[1], media, max_seq_length=1024, image_folder=media_dir)
-    return tuple(ds[i] for i in range(len(ds)))  # text, image, two images, video
+_ENCODED: dict[str, tuple] = {}
 
 
 def _examples(model_type, media_dir, mixed_data, which=(0, 1, 2, 3)):
-    examples = _encoded(model_type, str(mixed_data), str(media_dir))
-    return [examples[i] for i in which]
+    """The four mixed records (text, image, two images, video), encoded once per family: every test's
+    `mixed_data` / `media_dir` fixtures hold the same files."""
+    if model_type not in _ENCODED:
+        media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
+                             video_max_pixels=64 * 64, nframes=4)
+        ds = SFTDataset(mixed_data, _tiny(model_type)[1], media, max_seq_length=1024, image_folder=str(media_dir))
+        _ENCODED[model_type] = tuple(ds[i] for i in range(len(ds)))
+    return [_ENCODED[model_type][i] for i in which]
 
 
 def _padded(model_type, examples):
@@ -63,8 +74,7 @@ def _padded(model_type, examples):
 
 def reference_token_logprobs(model, batch, temperature=1.0, entropy=False):
     """Full (B, L, V) logits from the stock path, shifted and gathered: the thing being replaced."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_skipped")}
-    logp = torch.log_softmax(model(**inputs).logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(model(**model_inputs(batch, labels=False)).logits.float() / temperature, dim=-1)
     labels = batch["labels"]
     picked = logp[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
     out = torch.zeros(labels.shape, dtype=torch.float32)
@@ -210,12 +220,29 @@ def test_logits_are_only_ever_chunk_sized(model_type):
     assert max(torch.Size(s[:-1]).numel() for s in stock.shapes) >= 2 * 24
     model.zero_grad(set_to_none=True)
 
-    chunked = _VocabShapes(vocab)
+    chunked, saved = _VocabShapes(vocab), []
     with chunked:
-        token_logprobs(model, batch, chunk_size=chunk_size).sum().backward()
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_note_vocab_sized, saved, vocab), _same):
+            out = token_logprobs(model, batch, chunk_size=chunk_size)
+        out.sum().backward()
     logits_like = [s for s in chunked.shapes if s != (hidden, vocab)]  # (H, V): lm_head.weight transposed
     assert logits_like, "the detector saw no logits at all"
     assert max(torch.Size(s[:-1]).numel() for s in logits_like) <= chunk_size, sorted(set(chunked.shapes))
+    # nothing vocab-sized is kept for backward (each chunk is recomputed there); the stock path keeps (B, L, V)
+    assert not saved, saved
+    with torch.autograd.graph.saved_tensors_hooks(functools.partial(_note_vocab_sized, saved, vocab), _same):
+        reference_token_logprobs(model, batch)
+    assert (2, 24, vocab) in saved
+
+
+def _note_vocab_sized(saved, vocab, tensor):
+    if tensor.dim() >= 2 and tensor.shape[-1] == vocab and tensor.shape[-2] != vocab:
+        saved.append(tuple(tensor.shape))
+    return tensor
+
+
+def _same(tensor):
+    return tensor
 
 
 # ------------------------------------------------------------------------------- LoRA, kernels, deepcopy
@@ -268,7 +295,7 @@ def test_with_fused_linear_ce_and_cpu_kernels(model_type, media_dir, mixed_data)
     assert_same_grads(_grads(model), ref_grads, model_type, must_have=("lm_head", "language_model"))
 
     assert model.lm_head.forward.__func__ is fused_ce._lm_head_forward  # the kernel's patch is back
-    inputs = {k: v for k, v in batch.items() if k != "num_skipped"}
+    inputs = model_inputs(batch)
     fused = model(**inputs)
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, stock(**inputs).loss, atol=ATOL, rtol=0)

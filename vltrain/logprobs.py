@@ -23,7 +23,7 @@ The chunked torch path runs on every device. liger's fused linear cross-entropy 
 temperature, and whether its per-token (`reduction="none"`) backward is right for arbitrary per-token
 weights has not been checked on a GPU for this project.
 
-Batches: what PadCollator / PackCollator produce; keys that are not model inputs (`num_skipped`, ids,
+Batches: what PadCollator / PackCollator produce; keys that are not model inputs (skip records, ids,
 rewards, ...) are ignored. A batch without images or videos gets a dummy one appended
 (vltrain.vision.complete_modalities, as sft_loss does), so every rank runs the vision tower; the
 appended columns are cut off the result. Padded vs packed: a batch with `position_ids` and no
@@ -43,14 +43,8 @@ from torch.utils.checkpoint import checkpoint
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.families import get_module
 from vltrain.kernels.fused_ce import LOGITS_PER_CHUNK
+from vltrain.progress import model_inputs
 from vltrain.vision import complete_modalities, link_dummy_features
-
-# The forward's own inputs (labels excluded: the model must not compute a loss). Kept local for now:
-# loops/sft.py holds the same list as MODEL_INPUTS, and loops/ is not imported from vltrain.
-MODEL_INPUTS = (
-    "input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
-    "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-)
 
 __all__ = ["token_logprobs", "token_logprobs_and_entropy", "sequence_logprobs", "sequence_ids",
            "chunked_target_logprobs"]
@@ -100,8 +94,8 @@ def _scattered_logprobs(head, hidden, request: dict) -> torch.Tensor:
     tail = values.shape[1:]
     out = torch.zeros(flat_targets.shape[0], *tail, dtype=torch.float32, device=hidden.device)
     out = out.index_put((keep,), values)
-    # keeps the graph connected when no position has a target, so every rank runs the same backward
-    out = out + (hidden.sum() * 0.0 + head.weight.sum() * 0.0).float()
+    if keep.numel() == 0:  # keeps the graph connected, so every rank runs the same backward
+        out = out + (flat_hidden.sum() * 0.0 + head.weight.sum() * 0.0).float()
     return out.reshape(*targets.shape, *tail)
 
 
@@ -162,7 +156,7 @@ def _forward_logprobs(model, batch: dict, temperature: float, chunk_size: int | 
     unwrapped = getattr(model, "module", model)  # DDP / DeepSpeed engine
     batch = dict(batch, labels=_predictable_labels(batch))
     batch, added = complete_modalities(unwrapped, batch)
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+    inputs = model_inputs(batch, labels=False)  # labels would make the forward compute a loss
     # position t's hidden state predicts labels[t + 1] (HF's shift)
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
     request = dict(targets=targets, temperature=float(temperature), chunk_size=chunk_size, with_entropy=with_entropy)
