@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from vltrain.data.dataset import SFTDataset, pad_collate
-from vltrain.data.encode import IGNORE_INDEX, SampleSkipped, encode, encode_unlabeled
-from vltrain.data.formats import parse_record
+from vltrain.data.encode import (IGNORE_INDEX, SampleSkipped, encode, encode_completions, encode_prompt,
+                                 encode_unlabeled)
+from vltrain.data.formats import Part, Turn, parse_record
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
 from vltrain.tiny import build_tiny_processor
@@ -177,3 +178,113 @@ def test_pad_collate_mixed_batch(media_dir, mixed_data):
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["image_grid_thw"].shape == (3, 3) and batch["video_grid_thw"].shape == (1, 3)
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+class CountingProcessor:
+    """The tiny processor, counting its calls (render_chat reaches the template through it)."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+@pytest.fixture
+def image_loads(monkeypatch):
+    import vltrain.data.encode as encode_module
+
+    calls = []
+    real = encode_module.load_image
+    monkeypatch.setattr(encode_module, "load_image", lambda ref, opts: calls.append(ref) or real(ref, opts))
+    return calls
+
+
+def _prompt(reply=None):
+    turns = [{"from": "human", "value": "<image>\nFirst?"}, {"from": "gpt", "value": "a circle"},
+             {"from": "human", "value": "<image>\nAnd this one?"}]
+    if reply is not None:
+        turns.append({"from": "gpt", "value": reply})
+    return parse_record({"id": "p", "image": ["a.png", "b.png"], "conversations": turns}, 0,
+                        require_reply=reply is not None)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_encode_prompt_ends_with_the_generation_header(model_type, media_dir, image_loads):
+    processor = CountingProcessor(build_tiny_processor(model_type))
+    tok = processor.tokenizer
+    example = encode_prompt(_prompt(), processor, _media(model_type), image_folder=str(media_dir))
+    assert processor.calls == 1 and len(image_loads) == 2
+    assert "labels" not in example and example["id"] == "p"
+    text = tok.decode(example["input_ids"])
+    assert text.endswith("And this one?<|im_end|>\n<|im_start|>assistant\n")
+    assert example["image_grid_thw"].shape == (2, 3)
+    # the same tokens as the SFT encoding of that conversation with a reply, up to the reply
+    full = encode(_prompt("a square"), processor, _media(model_type), max_seq_length=4096, image_folder=str(media_dir))
+    n = len(example["input_ids"])
+    assert torch.equal(full["input_ids"][:n], example["input_ids"])
+    assert (full["labels"][n - 1] == IGNORE_INDEX) and (full["labels"][n:] != IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="sample 0 \\(id='p'\\).*ends with an assistant turn"):
+        encode_prompt(_prompt("a square"), processor, _media(model_type), image_folder=str(media_dir))
+    with pytest.raises(SampleSkipped, match="prompt of"):
+        encode_prompt(_prompt(), processor, _media(model_type), image_folder=str(media_dir), max_seq_length=n - 1)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_encode_completions_share_the_prompt_media_and_label_only_the_reply(model_type, media_dir, image_loads):
+    processor = CountingProcessor(build_tiny_processor(model_type))
+    tok, media = processor.tokenizer, _media(model_type)
+    completions = ["a square", "red", ""]
+    out = encode_completions(_prompt(), completions, processor, media, image_folder=str(media_dir),
+                             system_prompt="Answer briefly.")
+    assert processor.calls == 1 and len(image_loads) == 2  # media and processor once for all completions
+    assert out["id"] == "p" and len(out["sequences"]) == 3 and out["image_grid_thw"].shape == (2, 3)
+    prompt = encode_prompt(_prompt(), processor, media, image_folder=str(media_dir), system_prompt="Answer briefly.")
+    assert out["prompt_length"] == len(prompt["input_ids"])
+    for completion, seq in zip(completions, out["sequences"]):
+        # the same sequence the SFT path (processor on the whole rendered conversation) encodes
+        with_reply = _prompt()
+        with_reply.turns.append(Turn("assistant", [Part("text", completion)]))  # "" is no valid record: built here
+        ref = encode(with_reply, processor, media, max_seq_length=4096, image_folder=str(media_dir),
+                     system_prompt="Answer briefly.")
+        for key in ("input_ids", "mm_token_type_ids"):
+            assert torch.equal(seq[key], ref[key]), key
+        assert torch.equal(out["pixel_values"], ref["pixel_values"])
+        # labels: the completion and its <|im_end|> only (not the earlier "a circle" turn SFT trains)
+        assert [tok.decode(s) for s in _segments(seq["labels"], seq["input_ids"])] == [f"{completion}<|im_end|>"]
+        assert (seq["labels"][: out["prompt_length"]] == IGNORE_INDEX).all()
+        assert torch.equal(seq["input_ids"][: out["prompt_length"]], prompt["input_ids"])
+    with pytest.raises(SampleSkipped, match="completion 0"):
+        encode_completions(_prompt(), ["word " * 50], processor, media, image_folder=str(media_dir),
+                           max_seq_length=out["prompt_length"] + 10)
+    with pytest.raises(ValueError, match="ends with an assistant turn"):
+        encode_completions(_prompt("x"), ["y"], processor, media, image_folder=str(media_dir))
+
+
+def test_encode_unlabeled_whole_conversation_or_prompt(media_dir, image_loads):
+    processor = CountingProcessor(build_tiny_processor("qwen2_5_vl"))
+    media = _media("qwen2_5_vl")
+    conv = parse_record({**mixed_records()[2], "label": 1}, 0)
+    whole = encode_unlabeled(conv, processor, media, image_folder=str(media_dir))
+    assert processor.calls == 1 and len(image_loads) == 2
+    assert set(whole) == {"id", "input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw", "truncated"}
+    sft = encode(conv, processor, media, max_seq_length=4096, image_folder=str(media_dir))
+    assert torch.equal(whole["input_ids"], sft["input_ids"]) and whole["truncated"] == []
+    prompt = encode_unlabeled(_prompt(), processor, media, image_folder=str(media_dir), add_generation_prompt=True)
+    assert torch.equal(prompt["input_ids"], encode_prompt(_prompt(), processor, media,
+                                                         image_folder=str(media_dir))["input_ids"])
+
+
+def test_a_processor_exception_is_a_skip_naming_the_sample(media_dir):
+    class Refusing(CountingProcessor):
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("grid too large")
+
+    conv = parse_record(mixed_records()[1], 0)
+    with pytest.raises(SampleSkipped, match="'img'.*processor failed: RuntimeError: grid too large"):
+        encode(conv, Refusing(build_tiny_processor("qwen2_vl")), _media("qwen2_vl"), max_seq_length=4096,
+               image_folder=str(media_dir))
