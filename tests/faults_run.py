@@ -1,15 +1,20 @@
-"""Helper for test_faults.py: a tiny torch model trained with vltrain.faults under 2 CPU ranks.
+"""Helpers for test_faults.py.
 
-    torchrun --nproc_per_node 2 tests/faults_run.py MODE BACKEND OUT_DIR
+    torchrun --nproc_per_node 2 tests/faults_run.py train BACKEND OUT_DIR SIGNAL_STEP
+    python tests/faults_run.py reap REPORT.json -- COMMAND ...
 
-MODE signal: rank 1 sends itself SIGTERM in the middle of step 3 (between its two micro-batches); every rank
-    records the step after which `Preemption.requested` said stop, and the signal name it learnt.
-MODE nan: VLTRAIN_TEST_NAN_BACKWARD (set by the test) poisons one micro-batch on one rank; every rank records,
-    per step, the norm, whether it stepped, and whether the weights / optimizer state / scheduler changed.
-BACKEND ddp | zero2 | zero3: the backend is picked through accelerate's environment variables, as
-tests/dist_backends.py does (`accelerate launch --use_deepspeed` does not start on CPU). fp32 throughout.
-
-Each rank writes OUT_DIR/rank{r}.json.
+train: a tiny torch model trained with vltrain.faults on 2 CPU ranks for up to 6 steps. With SIGNAL_STEP > 0,
+    rank 1 sends itself SIGTERM in the middle of that step (between its two micro-batches); every rank
+    records the step after which `Preemption.requested` said stop and the signal name it learnt.
+    VLTRAIN_TEST_NAN_BACKWARD (set by the test) poisons micro-batches; every rank records, per step, the
+    norm, whether it stepped, which weights / optimizer tensors changed and whether the scheduler advanced.
+    BACKEND ddp | zero2 | zero3: picked through accelerate's environment variables, as tests/dist_backends.py
+    does (`accelerate launch --use_deepspeed` does not start on CPU). fp32. Each rank writes OUT_DIR/rank{r}.json.
+reap: runs COMMAND as a child subreaper (Linux prctl): processes orphaned when their parent dies (the
+    script under `accelerate launch` once the launcher is killed) are re-parented to this process, so their
+    exit status can be read. Writes REPORT.json: [{pid, ppid, cmdline, status}] for every descendant, status
+    as subprocess reports it (negative: killed by that signal). It survives signals sent to its own
+    process group (the test signals the whole group) and forwards nothing.
 """
 
 import json
@@ -23,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GA, MICRO, STEPS = 2, 2, 5
+GA, MICRO, STEPS = 2, 2, 6
 
 
 def deepspeed_config(stage: int, out: Path) -> Path:
@@ -71,7 +76,7 @@ def changed(before: dict, after: dict) -> list[str]:
                   if k not in before or k not in after or not torch.equal(before[k], after[k]))
 
 
-def run(mode: str, backend: str, out: Path) -> None:
+def train(backend: str, out: Path, signal_step: int) -> None:
     if backend != "ddp":
         os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
                            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(deepspeed_config(int(backend[-1]), out))})
@@ -96,7 +101,7 @@ def run(mode: str, backend: str, out: Path) -> None:
         for step in range(1, STEPS + 1):
             step_loss = torch.zeros(())
             for micro in range(GA):
-                if mode == "signal" and rank == 1 and step == 3 and micro == 1:
+                if rank == 1 and step == signal_step and micro == 1:
                     os.kill(os.getpid(), signal.SIGTERM)
                 x = torch.randn(MICRO, 8, generator=generator)
                 with accelerator.accumulate(model):
@@ -118,6 +123,53 @@ def run(mode: str, backend: str, out: Path) -> None:
     accelerator.end_training()
 
 
+def _descendants(root: int, seen: dict) -> None:
+    """Record pid -> (ppid, cmdline) of every live descendant of `root` (and of already-seen pids)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in seen:
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == root or ppid in seen:
+            seen[int(entry.name)] = (ppid, cmdline)
+
+
+def reap(report: Path, command: list[str]) -> None:
+    import ctypes
+    import subprocess
+    import time
+
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)  # a Python handler: reset to the default in the exec'd child
+    seen: dict[int, tuple[int, str]] = {}
+    child = subprocess.Popen(command)
+    seen[child.pid] = (os.getpid(), " ".join(command))
+    statuses = {}
+    while True:
+        _descendants(os.getpid(), seen)
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        statuses[pid] = os.waitstatus_to_exitcode(status)
+    child.returncode = statuses.get(child.pid)
+    report.write_text(json.dumps([{"pid": pid, "ppid": ppid, "cmdline": cmdline, "status": statuses.get(pid)}
+                                  for pid, (ppid, cmdline) in seen.items()], indent=1))
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    run(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1] == "reap":
+        assert sys.argv[3] == "--", sys.argv
+        reap(Path(sys.argv[2]), sys.argv[4:])
+    else:
+        torch.set_num_threads(1)
+        train(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))

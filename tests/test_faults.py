@@ -1,0 +1,300 @@
+"""vltrain.faults: preemption signals and non-finite steps, from unit level to the real recipe.
+
+Tiers: pure units (the flag, the guard, worker_init_fn, optimizer_step on a small torch model); 2-rank CPU
+runs of a small model under DDP (gloo) and DeepSpeed ZeRO-2 / ZeRO-3 through tests/faults_run.py; and the
+real recipe under `accelerate launch`: SIGTERM to the whole process group, then resume, compared with a
+straight run, and a NaN injected into one step. Every subprocess has a timeout, so a hang fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from vltrain.faults import (NAN_HOOK_ENV, NonFiniteError, NonFiniteGuard, Preemption, backward, optimizer_step,
+                            worker_init_fn)
+
+from conftest import REPO, mixed_records, sft_config, write_image, write_video
+
+RUNNER = REPO / "tests" / "faults_run.py"
+
+
+# ---------------------------------------------------------------- Preemption
+
+
+def test_preemption_sets_a_flag_instead_of_dying_and_restores_the_old_handlers():
+    def previous(signum, frame):
+        raise AssertionError("the old handler must not run inside the context")
+
+    old_int = signal.getsignal(signal.SIGINT)
+    old_term = signal.signal(signal.SIGTERM, previous)
+    try:
+        accelerator = Accelerator(cpu=True)
+        with Preemption() as preemption:
+            assert not preemption.requested(accelerator) and preemption.signal_name is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's copy and the launcher's: still one stop
+            os.kill(os.getpid(), signal.SIGINT)
+            assert preemption.requested(accelerator) and preemption.signal_name == "SIGTERM"  # the first one
+        assert signal.getsignal(signal.SIGTERM) is previous and signal.getsignal(signal.SIGINT) is old_int
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def test_third_sigint_interrupts_at_once():
+    with Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_preemption_outside_the_main_thread_installs_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def body():
+        with Preemption() as preemption:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            seen["requested"] = preemption.requested(Accelerator(cpu=True))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": before, "requested": False}
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Item 1 sends SIGTERM to the worker process that loads it."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        return torch.tensor([i, os.getpid()])
+
+
+def test_worker_init_fn_keeps_dataloader_workers_alive_through_sigterm():
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # workers start with the default: dying
+    loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=None, num_workers=1,
+                                         worker_init_fn=worker_init_fn)
+    items = torch.stack(list(loader))
+    assert items[:, 0].tolist() == [0, 1, 2, 3] and items[0, 1] != os.getpid()
+    without = torch.utils.data.DataLoader(_SignalsItself(), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal|exited unexpectedly)"):
+        list(without)
+
+
+# ---------------------------------------------------------------- NonFiniteGuard
+
+
+def test_guard_counts_bad_steps_resets_on_a_good_one_and_raises_after_max_in_a_row(caplog):
+    guard = NonFiniteGuard(max_bad_steps=2)
+    guard.record(1, True, ["a"])
+    guard.record(2, False, ["b", "c"])
+    assert "step 2 skipped" in caplog.text and "b, c" in caplog.text
+    guard.record(3, True, ["d"])
+    guard.record(4, False, ["e"])
+    with pytest.raises(NonFiniteError, match=r"steps 4-5\).*train\.max_bad_steps=2") as info:
+        guard.record(5, False, ["f"])
+    assert "\n" not in str(info.value) and isinstance(info.value, RuntimeError)
+    assert guard.num_bad_steps == 3
+    with pytest.raises(ValueError, match="train.max_bad_steps"):
+        NonFiniteGuard(0)
+
+
+def test_guard_step_ok_needs_finite_loss_and_norm():
+    accelerator, guard = Accelerator(cpu=True), NonFiniteGuard(1)
+    finite = torch.tensor(1.5)
+    assert guard.step_ok(accelerator, finite, torch.tensor(2.0)) and guard.step_ok(accelerator, finite, 2.0)
+    assert guard.step_ok(accelerator, finite, None)  # a backend that did not measure the norm
+    assert not guard.step_ok(accelerator, torch.tensor(float("nan")), 2.0)
+    assert not guard.step_ok(accelerator, finite, float("inf"))
+    assert not guard.step_ok(accelerator, finite, torch.tensor(float("nan")))
+
+
+# ---------------------------------------------------------------- optimizer_step, one process
+
+
+def _small_run(poison_step: int | None, steps: int, *, skip_data_of: int | None = None, max_grad_norm=0.5):
+    """Train a 2-layer MLP with AdamW + a decaying LambdaLR for `steps` steps of 2 micro-batches; the loss of
+    `poison_step` is multiplied by NaN (NaN gradients); `skip_data_of` drops that step's batches altogether.
+    Returns per-step records and the final model / optimizer / scheduler."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    guard, records = NonFiniteGuard(max_bad_steps=2), []
+    data = torch.randn(steps, 2, 4, 6, generator=torch.Generator().manual_seed(1))
+    for step in range(1, steps + 1):
+        if step == skip_data_of:
+            continue
+        step_loss = torch.zeros(())
+        for micro in range(2):
+            with accelerator.accumulate(model):
+                x = data[step - 1, micro]
+                loss = (model(x) - x[:, :3]).pow(2).mean()
+                if step == poison_step:
+                    loss = loss * float("nan")
+                backward(accelerator, model, loss)
+                step_loss += loss.detach()
+        before = _state(model, optimizer)
+        last_epoch = scheduler.last_epoch
+        norm, stepped = optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=max_grad_norm,
+                                       loss=step_loss, guard=guard, step=step, sample_ids=[f"s{step}"])
+        after = _state(model, optimizer)
+        records.append({"norm": norm, "stepped": stepped, "scheduler": scheduler.last_epoch - last_epoch,
+                        "changed": sorted(k for k in after if k not in before or not torch.equal(before[k], after[k])),
+                        "grads": [p.grad for p in model.parameters()]})
+    return records, model, optimizer, scheduler, guard
+
+
+def _state(model, optimizer) -> dict:
+    tensors = {f"param{i}": p.detach().clone() for i, p in enumerate(model.parameters())}
+    for i, p in enumerate(model.parameters()):
+        for key, value in optimizer.optimizer.state.get(p, {}).items():
+            tensors[f"param{i}.{key}"] = torch.as_tensor(value).clone()
+    return tensors
+
+
+def test_a_nan_step_changes_no_weight_no_adam_state_and_not_the_schedule():
+    records, model, optimizer, scheduler, guard = _small_run(poison_step=2, steps=4)
+    assert [r["stepped"] for r in records] == [True, False, True, True]
+    bad = records[1]
+    assert bad["changed"] == [] and bad["scheduler"] == 0 and bad["norm"] != bad["norm"]  # NaN
+    every_tensor = {f"param{i}{k}" for i in range(4) for k in ("", ".exp_avg", ".exp_avg_sq", ".step")}
+    assert set(records[2]["changed"]) == every_tensor and records[2]["scheduler"] == 1  # the next steps train
+    assert all(g is None for r in records for g in r["grads"])  # zero_grad(set_to_none) always
+    assert guard.num_bad_steps == 1 and scheduler.last_epoch == 3
+    assert all(float(optimizer.optimizer.state[p]["step"]) == 3 for p in model.parameters())
+    # a skipped step is the same as not having had that step's data at all
+    _, reference, ref_optimizer, _, _ = _small_run(poison_step=None, steps=4, skip_data_of=2)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.optimizer.state[p]["exp_avg_sq"], ref_optimizer.optimizer.state[q]["exp_avg_sq"])
+
+
+def test_optimizer_step_returns_the_norm_before_clipping_and_measures_without_clipping():
+    clipped, _, opt_clipped, _, _ = _small_run(poison_step=None, steps=1, max_grad_norm=1e-3)
+    free, _, opt_free, _, _ = _small_run(poison_step=None, steps=1, max_grad_norm=0)
+    assert clipped[0]["norm"] == pytest.approx(free[0]["norm"]) and clipped[0]["norm"] > 1e-2
+
+    def first_moment_norm(optimizer):  # AdamW's exp_avg after one step is 0.1 x the (clipped) gradient
+        return float(torch.cat([s["exp_avg"].flatten() for s in optimizer.optimizer.state.values()]).norm())
+
+    assert first_moment_norm(opt_clipped) == pytest.approx(0.1 * 1e-3, rel=1e-3)
+    assert first_moment_norm(opt_free) == pytest.approx(0.1 * free[0]["norm"], rel=1e-4)
+
+
+def test_max_bad_steps_in_a_row_stop_the_loop():
+    with pytest.raises(NonFiniteError, match="train.max_bad_steps=2"):
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 1)
+        optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        guard = NonFiniteGuard(2)
+        for step in (1, 2):
+            loss = model(torch.ones(1, 2)).sum() * float("inf")
+            backward(accelerator, model, loss)
+            optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=1.0, loss=loss.detach(),
+                           guard=guard, step=step, sample_ids=[])
+
+
+def test_nan_hook_poisons_the_kth_backward_of_the_named_rank(monkeypatch):
+    import vltrain.faults as faults
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    monkeypatch.setattr(faults, "_STATE", faults._BackwardState())
+    monkeypatch.setenv(NAN_HOOK_ENV, "2,3@1")
+    monkeypatch.setenv("RANK", "0")
+    finite = []
+    for _ in range(3):
+        model.zero_grad()
+        backward(accelerator, model, model(torch.ones(1, 2)).sum())
+        finite.append(bool(torch.isfinite(model.weight.grad).all()))
+    assert finite == [True, False, True]  # call 2 on every rank; call 3 only on rank 1
+
+
+# ---------------------------------------------------------------- 2 ranks: DDP and DeepSpeed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(backend: str, out: Path, signal_step: int, nan: str, timeout: int = 240) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(RUNNER), "train", backend, str(out), str(signal_step)]
+    env = {**os.environ, NAN_HOOK_ENV: nan}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{backend} run hung (> {timeout} s): {(e.stderr or b'')[-3000:]!r}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Backward call 3 on rank 1 (step 2's first micro-batch there) is NaN; rank 1 signals itself in step 4."""
+    return _two_ranks("ddp", tmp_path_factory.mktemp("ddp"), signal_step=4, nan="3@1")
+
+
+def test_ddp_nan_on_one_rank_skips_on_both_and_a_signal_to_one_rank_stops_both(ddp_run):
+    r0, r1 = ddp_run
+    for rank in (r0, r1):
+        assert rank["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert [s["stepped"] for s in rank["steps"]] == [True, False, True, True]
+        assert rank["steps"][1]["changed"] == [] and rank["steps"][1]["scheduler_advanced"] == 0
+        assert all(s["changed"] and s["scheduler_advanced"] == 1 for s in rank["steps"] if s["stepped"])
+        assert rank["num_bad_steps"] == 1
+        # both stop after step 4 (rank 0 never got a signal) and know which signal it was
+        assert rank["stopped_after"] == 4 and rank["signal_name"] == "SIGTERM"
+    assert r0["steps"] == r1["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(tmp_path, stage, ddp_run):
+    pytest.importorskip("deepspeed")
+    ranks = _two_ranks(f"zero{stage}", tmp_path, signal_step=0, nan="3@1")
+    for rank in ranks:
+        assert rank["distributed_type"] == "DistributedType.DEEPSPEED" and "stopped_after" not in rank
+        assert [s["stepped"] for s in rank["steps"]] == [True, False, True, True, True, True]
+        bad = rank["steps"][1]
+        assert bad["changed"] == [] and bad["scheduler_advanced"] == 0 and bad["grad_norm"] == float("inf")
+        good = rank["steps"][2]["changed"]
+        # weights (this rank's shard), DeepSpeed's fp32 master partition, Adam's moments and step all move
+        assert any(k.startswith("param.") for k in good) and "fp32.0" in good
+        assert {k.split(".", 1)[1] for k in good if k.startswith("state")} == {"exp_avg", "exp_avg_sq", "step"}
+        assert all(s["scheduler_advanced"] == 1 for s in rank["steps"] if s["stepped"])
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    # same gradients, clipping and schedule as DDP on the applied steps
+    ddp = [s["grad_norm"] for s in ddp_run[0]["steps"]]
+    norms = [s["grad_norm"] for s in ranks[0]["steps"]][: len(ddp)]
+    assert [norms[0], *norms[2:]] == pytest.approx([ddp[0], *ddp[2:]], rel=1e-5)
