@@ -86,7 +86,7 @@ def test_packed_loss_and_gradients_equal_the_per_example_sum(model_type, media_d
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_position_ids_per_example_equal_the_models_own(model_type, media_dir, mixed_data):
     """Rows 1-3 of the packed ids, sliced per example, are what the model computes for it unpacked."""
     model, processor = _tiny(model_type)
