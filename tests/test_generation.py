@@ -235,20 +235,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_synced_generation_matches_plain(media_dir):
-    """The sharded-parameter path (synced_gpus, dummy media rows) on a one-process gloo group: the
-    dummy rows and the synced loop change no real completion."""
-    model, processor = _tiny("qwen2_5_vl")
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_synced_generation_matches_plain(model_type, media_dir):
+    """The sharded-parameter path (synced_gpus, dummy image / video rows) on a one-process gloo group:
+    batches of one prompt need a dummy image, a dummy video or both, and no real completion changes."""
+    model, processor = _tiny(model_type)
     convs = _prompts()
-    plain = _run(model, processor, "qwen2_5_vl", media_dir, convs, batch_size=2)
+    plain = _run(model, processor, model_type, media_dir, convs, batch_size=4)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
-        synced = generate(model, processor, convs, settings, media=_media("qwen2_5_vl"), image_folder=str(media_dir),
-                          batch_size=2, show_progress=False, synced_gpus=True)
+        synced = generate(model, processor, convs, settings, media=_media(model_type), image_folder=str(media_dir),
+                          batch_size=1, show_progress=False)  # synced_gpus=None: auto, False at world size 1
+        assert [g.token_ids for g in synced] == [g.token_ids for g in plain]
+        synced = generate(model, processor, convs, settings, media=_media(model_type), image_folder=str(media_dir),
+                          batch_size=1, show_progress=False, synced_gpus=True)
     finally:
         torch.distributed.destroy_process_group()
     assert [g.token_ids for g in synced] == [g.token_ids for g in plain]
+
+
+def test_dummy_media_row_leaves_the_real_rows(media_dir):
+    from vltrain.data.encode import process_conversation
+    from vltrain.generation import add_dummy_media_row
+
+    model, processor = _tiny("qwen3_vl")
+    prompts = [process_conversation(c, processor, _media("qwen3_vl"), image_folder=str(media_dir),
+                                    add_generation_prompt=True) for c in _prompts()[:2]]
+    batch = left_pad_batch(prompts, processor.tokenizer.pad_token_id)
+    grown, added = add_dummy_media_row(model, batch, processor.tokenizer.pad_token_id)
+    assert added and grown["input_ids"].shape[0] == 3 and "pixel_values_videos" in grown
+    assert torch.equal(grown["pixel_values"], batch["pixel_values"])  # the real images keep their order
+    with torch.no_grad():
+        want = model(**batch).logits
+        got = model(**grown).logits[:2]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert add_dummy_media_row(model, grown, 0) == (grown, False)
 
 
 def test_exact_match_accuracy_batched(media_dir):
@@ -264,3 +286,61 @@ def test_exact_match_accuracy_batched(media_dir):
     assert accuracy == 0.5
     assert [r["correct"] for r in records] == [True, False, True, False]
     assert [r["reply"] for r in records] == [g.text.strip() for g in replies]
+
+
+# ------------------------------------------------------------------------------ DeepSpeed ZeRO-3, 2 ranks
+ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 1e9,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # shard every parameter
+
+
+def _zero3_rank(media_dir: str, out: str) -> None:
+    """One rank of test_zero3_ranks_generate_their_own_prompts (run by torchrun): rank 0 gets the text-only
+    prompt (one batch), rank 1 the three media prompts (two batches), so rank 0 must keep rank 1's
+    forwards company with a dummy batch, and every batch needs dummy media rows."""
+    import json
+
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    rank = torch.distributed.get_rank()
+    model, processor = build_tiny("qwen2_5_vl")
+    engine, *_ = deepspeed.initialize(model=model, config=ZERO3)
+    module = engine.module
+    sharded = all(p.numel() == 0 for p in module.parameters())
+    convs = _prompts()
+    mine = convs[:1] if rank == 0 else convs[1:]
+    got = generate(module, processor, mine, GenerationSettings(max_new_tokens=NEW_TOKENS), media=_media("qwen2_5_vl"),
+                   image_folder=media_dir, batch_size=2, show_progress=False)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"sharded": sharded, "token_ids": [g.token_ids for g in got]}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_zero3_ranks_generate_their_own_prompts(media_dir, tmp_path):
+    """2 CPU ranks under DeepSpeed ZeRO-3 (every parameter sharded), different numbers of prompts and
+    modalities per rank: no hang, and each rank's completions are what the unsharded model generates."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    model, processor = _tiny("qwen2_5_vl")  # build_tiny(seed 0): the weights every rank starts from
+    want = [g.token_ids for g in _run(model, processor, "qwen2_5_vl", media_dir, _prompts(), batch_size=4)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           __file__, str(media_dir), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"ZeRO-3 generation hung (> 180 s): {(e.stderr or b'')[-3000:]!r}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["sharded"] for r in ranks)
+    assert ranks[0]["token_ids"] == want[:1] and ranks[1]["token_ids"] == want[1:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    _zero3_rank(sys.argv[1], sys.argv[2])
