@@ -288,3 +288,19 @@ def test_a_processor_exception_is_a_skip_naming_the_sample(media_dir):
     with pytest.raises(SampleSkipped, match="'img'.*processor failed: RuntimeError: grid too large"):
         encode(conv, Refusing(build_tiny_processor("qwen2_vl")), _media("qwen2_vl"), max_seq_length=4096,
                image_folder=str(media_dir))
+
+
+def test_thinking_reaches_render_chat_and_its_errors_are_not_skips(media_dir, tmp_path):
+    """The template's refusals stop the run (render_chat's policy); only processor / media problems are skips.
+    The dataset checks data.thinking when it is built."""
+    import json
+
+    processor = build_tiny_processor("qwen2_vl")
+    conv = parse_record(mixed_records()[0], 0)
+    with pytest.raises(ValueError, match="data.thinking='maybe'") as info:
+        encode(conv, processor, _media("qwen2_vl"), max_seq_length=4096, thinking="maybe")
+    assert not isinstance(info.value, SampleSkipped)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(mixed_records()[:1]))
+    with pytest.raises(ValueError, match="data.thinking='maybe'"):  # before any sample is encoded
+        SFTDataset(path, processor, _media("qwen2_vl"), max_seq_length=4096, thinking="maybe")

@@ -20,6 +20,7 @@ from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS, SampleSkipped, encode
 from vltrain.data.formats import Conversation, DataFormatError, load_conversations
 from vltrain.data.media import MediaError, MediaOptions
 from vltrain.data.skips import skip_record
+from vltrain.data.template import THINKING_MODES
 
 MAX_CONSECUTIVE_SKIPS = 16
 RECORD_LISTS = ("skipped", "truncated")  # lists of records, concatenated over the batch
@@ -41,6 +42,8 @@ class SFTDataset(Dataset):
     def __init__(self, path_or_conversations: str | Path | list[Conversation], processor, media: MediaOptions, *,
                  max_seq_length: int, image_folder=None, system_prompt=None, thinking: str = "keep",
                  source: str | None = None, max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
+        if thinking not in THINKING_MODES:
+            raise ValueError(f"data.thinking={thinking!r} is not one of {', '.join(THINKING_MODES)}")
         if isinstance(path_or_conversations, (str, Path)):
             conversations = load_conversations(path_or_conversations)
             source = source or str(path_or_conversations)
