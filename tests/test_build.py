@@ -1,7 +1,12 @@
 """The one build path (vltrain.build) and the reference model of the preference / RL loops."""
 
 import copy
+import json
+import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from vltrain.build import build_model, build_reference
@@ -11,7 +16,15 @@ from vltrain.data.media import MediaOptions
 from vltrain.distributed import build_accelerator
 from vltrain.progress import model_inputs
 
-from conftest import sft_config
+from vltrain.tiny import build_tiny
+
+from conftest import REPO, sft_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _batch(processor, data, media_dir):
@@ -53,9 +66,10 @@ def test_frozen_copy_reference_stays_the_starting_policy(tmp_path, mixed_data, m
     built = build_model(cfg.model, cfg.trainable, cfg.lora)
     accelerator = build_accelerator(cfg.train)
     policy = built.model
-    reference = build_reference(policy, accelerator)
+    reference = build_reference(policy)
     frozen = reference.module
-    assert frozen is not policy and not reference.adapters_off
+    reference.prepare(accelerator)
+    assert frozen is not policy and not reference.adapters_off and reference.module is frozen  # single process
     assert not any(p.requires_grad for p in frozen.parameters())
     assert {p.dtype for p in frozen.parameters()} == {p.dtype for p in policy.parameters()}
     assert frozen._vltrain_kernels == policy._vltrain_kernels  # same instance kernels, rebound to the copy
@@ -84,7 +98,7 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path, mixed_data, me
     built = build_model(cfg.model, cfg.trainable, cfg.lora)
     base = copy.deepcopy(built.model.base_model.model)  # LoRA B = 0: the base model's function
     accelerator = build_accelerator(cfg.train)
-    reference = build_reference(built.model, accelerator, prepared_policy=built.model)
+    reference = build_reference(built.model).prepare(accelerator, built.model)
     assert reference.adapters_off and reference.module is built.model
 
     batch = _batch(built.processor, mixed_data, media_dir)
@@ -103,3 +117,29 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path, mixed_data, me
 def test_build_accelerator_uses_the_accumulation_of_the_config(tmp_path, mixed_data):
     cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{"train.gradient_accumulation_steps": 3})
     assert build_accelerator(cfg.train).gradient_accumulation_steps == 3
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_frozen_reference_on_two_processes(backend, tmp_path, mixed_data):
+    """Copied before prepare, placed like the policy (ZeRO-3: partitioned), never registered for checkpoints:
+    it equals the starting policy on every rank and stays put while the policy trains."""
+    if backend != "ddp":
+        pytest.importorskip("deepspeed")
+    torch.manual_seed(0)
+    model, processor = build_tiny("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "ref"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "dist_reference.py"), backend, str(tmp_path / "tiny"), str(mixed_data), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    for rank in range(2):
+        record = json.loads((out / f"rank{rank}.json").read_text())
+        assert record["world"] == 2
+        assert record["ref_matches_start"] < 1e-5 and record["ref_changed"] == 0.0
+        assert record["policy_moved"] > 1e-3
+        assert record["ref_trainable"] == 0 and record["models_registered"] == 1
+        assert record["ref_partitioned"] == (backend == "zero3")
+        assert record["ref_wrapper"] == ("DeepSpeedEngine" if backend == "zero3" else "Qwen2_5_VLForConditionalGeneration")

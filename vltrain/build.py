@@ -2,7 +2,9 @@
 
     built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=cfg.data.packing, device=accelerator.device)
     print0("\\n".join(built.report))
-    reference = build_reference(built.model, accelerator)   # DPO / GRPO: frozen copy, or LoRA with adapters off
+    reference = build_reference(built.model, cfg.model)   # before accelerator.prepare: frozen copy or adapters off
+    model, optimizer = accelerator.prepare(built.model, optimizer)
+    reference.prepare(accelerator, model)      # placed like the policy (ZeRO-3 / FSDP2 sharded), never checkpointed
 
 The order is fixed because each step needs what the one before it made:
   1. load (4/8-bit LLM linears when lora.bits < 16)
@@ -34,16 +36,12 @@ class BuiltModel:
     trainable: dict[str, int] = field(default_factory=dict)  # trainable parameters per component
 
 
-def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, device=None) -> BuiltModel:
-    """Load and prepare the model to train (see the module docstring for the order); `device` places a
-    quantized (QLoRA) base, everything else is moved by `accelerator.prepare`."""
-    from vltrain.lora import apply_lora, load_model_for_lora
-    from vltrain.models import enable_gradient_checkpointing
-    from vltrain.trainable import configure_trainable, trainable_counts
+def _load_and_patch(model_cfg, lora_cfg, *, packing: bool, device=None):
+    """Steps 1-3: (model, processor, report lines)."""
+    from vltrain.lora import load_model_for_lora
 
     model, processor = load_model_for_lora(model_cfg, lora_cfg, device)  # plain load_model when lora.bits == 16
-    spec = family_spec(model)
-    report = [f"model: {model_cfg.name_or_path} ({spec.model_type}, {model_cfg.dtype}, "
+    report = [f"model: {model_cfg.name_or_path} ({family_spec(model).model_type}, {model_cfg.dtype}, "
               f"attention {model.config._attn_implementation})"]
     if packing:
         from vltrain.attention import enable_packed_attention
@@ -53,6 +51,18 @@ def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, de
         from vltrain.kernels import apply_kernels
 
         report.append("kernels: " + "; ".join(apply_kernels(model, model_cfg.kernels)))
+    return model, processor, report
+
+
+def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, device=None) -> BuiltModel:
+    """Load and prepare the model to train (see the module docstring for the order); `device` places a
+    quantized (QLoRA) base, everything else is moved by `accelerator.prepare`."""
+    from vltrain.lora import apply_lora
+    from vltrain.models import enable_gradient_checkpointing
+    from vltrain.trainable import configure_trainable, trainable_counts
+
+    model, processor, report = _load_and_patch(model_cfg, lora_cfg, packing=packing, device=device)
+    spec = family_spec(model)
     if lora_cfg.enabled:
         configure_trainable(model, trainable_cfg, adapters_follow=True)  # what trains fully; adapters go on the rest
         model = apply_lora(model, lora_cfg, base_name=model_cfg.name_or_path)
@@ -70,24 +80,40 @@ def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, de
 
 
 class Reference:
-    """The reference model of preference / RL losses: call it inside `with reference() as model:`.
+    """The reference model of preference / RL losses: `reference.prepare(accelerator, prepared_policy)` once
+    after `accelerator.prepare(policy, ...)`, then call it inside `with reference() as model:`.
 
     Two kinds, chosen by `build_reference`:
     - adapters off: the (prepared) LoRA policy itself with its adapters disabled -- peft then also runs the
       original copy of every fully trained module (modules_to_save), so the reference is exactly the base. No
       second copy of the weights.
-    - frozen copy: a deep copy of the policy taken before training, frozen, in eval mode, prepared for the
-      backend like the policy (sharded under ZeRO-3 / FSDP2) but never given to the optimizer or the checkpoint.
+    - frozen copy: a deep copy of the policy taken before training, frozen, in eval mode, placed for the
+      backend like the policy (sharded under ZeRO-3 / FSDP2, see vltrain.distributed.prepare_frozen_model) but
+      never given to the optimizer or the checkpoint.
     Either way the forward runs without gradients and with dropout off.
     """
 
     def __init__(self, module, *, adapters_off: bool):
-        self.module, self.adapters_off = module, adapters_off
+        self.module, self.adapters_off, self.prepared = module, adapters_off, False
+
+    def prepare(self, accelerator, prepared_policy=None) -> "Reference":
+        """Place the reference like the policy: the adapters-off kind becomes the prepared policy (the weights
+        the optimizer updates); the frozen copy is placed by `prepare_frozen_model`."""
+        if self.adapters_off:
+            if prepared_policy is None:
+                raise ValueError("an adapters-off reference needs the prepared policy: reference.prepare(accelerator, model)")
+            self.module = prepared_policy
+        else:
+            from vltrain.distributed import prepare_frozen_model
+
+            self.module = prepare_frozen_model(accelerator, self.module)
+        self.prepared = True
+        return self
 
     @contextlib.contextmanager
     def __call__(self):
         model = self.module
-        base = getattr(model, "module", model)  # DDP's wrapper: peft's context manager lives on the inner model
+        base = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: peft's context manager is on the inner model
         was_training = model.training
         model.eval()
         try:
@@ -97,21 +123,28 @@ class Reference:
             model.train(was_training)
 
 
-def build_reference(policy, accelerator, *, prepared_policy=None) -> Reference:
-    """A `Reference` for `policy` (the model as `build_model` returned it, before `accelerator.prepare`).
+def build_reference(policy, model_cfg=None, *, packing: bool = False) -> Reference:
+    """A `Reference` for `policy` as `build_model` returned it, BEFORE `accelerator.prepare` (the reference is
+    the starting policy, and ZeRO-3 partitions the policy's parameters in place).
 
-    A peft policy gives the adapters-off reference: pass the prepared policy as `prepared_policy` (the same
-    weights the optimizer updates). Otherwise the policy is deep-copied (same dtype, same instance kernels --
-    deepcopy rebinds their bound methods -- same attention implementation), frozen and prepared by
-    `vltrain.distributed.prepare_frozen_model`. Call this before training starts: the copy is the
-    starting policy."""
+    A peft policy gives the adapters-off reference. Otherwise the policy is deep-copied (same dtype, same
+    instance kernels -- deepcopy rebinds their bound methods -- same attention implementation) and frozen;
+    where ZeRO-3 has already partitioned the policy at load (accelerate turns zero.Init on for
+    `from_pretrained` under ZeRO-3), a copy would copy empty shards, so the model is loaded again from
+    `model_cfg` with the same packing and kernels -- the same weights as the untrained policy."""
     if hasattr(policy, "peft_config"):
-        return Reference(prepared_policy if prepared_policy is not None else policy, adapters_off=True)
-    from vltrain.distributed import prepare_frozen_model
+        return Reference(policy, adapters_off=True)
+    if any(hasattr(p, "ds_id") for p in policy.parameters()):
+        if model_cfg is None:
+            raise ValueError("build_reference: the policy is ZeRO-3-partitioned; pass its model config to load the "
+                             "reference again")
+        from vltrain.config import LoraConfig
 
-    frozen = copy.deepcopy(policy)
+        frozen, _, _ = _load_and_patch(model_cfg, LoraConfig(), packing=packing)
+    else:
+        frozen = copy.deepcopy(policy)
+        if getattr(frozen, "is_activation_checkpointing", getattr(frozen, "is_gradient_checkpointing", False)):
+            frozen.gradient_checkpointing_disable()  # no backward through the reference: recomputing buys nothing
     frozen.requires_grad_(False)
     frozen.eval()
-    if getattr(frozen, "is_activation_checkpointing", getattr(frozen, "is_gradient_checkpointing", False)):
-        frozen.gradient_checkpointing_disable()  # no backward through the reference: recomputing buys nothing
-    return Reference(prepare_frozen_model(accelerator, frozen), adapters_off=False)
+    return Reference(frozen, adapters_off=False)
