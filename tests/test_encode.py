@@ -304,3 +304,39 @@ def test_thinking_reaches_render_chat_and_its_errors_are_not_skips(media_dir, tm
     path.write_text(json.dumps(mixed_records()[:1]))
     with pytest.raises(ValueError, match="data.thinking='maybe'"):  # before any sample is encoded
         SFTDataset(path, processor, _media("qwen2_vl"), max_seq_length=4096, thinking="maybe")
+
+
+def _thinking_processor(template_name):
+    """The tiny Qwen3.5 processor with a real thinking chat template (from trl's wheel, read without importing trl)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("trl")
+    path = spec and Path(spec.submodule_search_locations[0]) / "chat_templates" / f"{template_name}.jinja"
+    if path is None or not path.is_file():
+        pytest.skip(f"trl's {template_name}.jinja is not installed")
+    processor = build_tiny_processor("qwen3_5")
+    processor.chat_template = processor.tokenizer.chat_template = path.read_text()
+    return processor
+
+
+@pytest.mark.parametrize("thinking", ["keep", "off"])
+def test_encode_completions_with_a_thinking_template(thinking):
+    """The generation prompt opens the think block ("keep") or holds the empty one ("off"): labels start after
+    it, and each sequence is still token for token what the SFT path encodes for that reply."""
+    processor = _thinking_processor("qwen3_5_think")
+    tok, media = processor.tokenizer, _media("qwen3_5")
+    prompt = parse_record({"id": "t", "conversations": [{"from": "human", "value": "Hi"}]}, 0, require_reply=False)
+    completions = ["red"] + (["<think>\nmaybe\n</think>\n\nblue"] if thinking == "keep" else [])
+    out = encode_completions(prompt, completions, processor, media, thinking=thinking)
+    header = tok.decode(out["sequences"][0]["input_ids"][: out["prompt_length"]])
+    assert header.endswith("<|im_start|>assistant\n<think>\n" if thinking == "keep" else
+                           "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    expected = {"keep": ["\n</think>\n\nred<|im_end|>", "maybe\n</think>\n\nblue<|im_end|>"],
+                "off": ["red<|im_end|>"]}[thinking]
+    for completion, seq, want in zip(completions, out["sequences"], expected):
+        assert [tok.decode(s) for s in _segments(seq["labels"], seq["input_ids"])] == [want]
+        with_reply = parse_record({"id": "t", "conversations": [{"from": "human", "value": "Hi"},
+                                                                 {"from": "gpt", "value": completion}]}, 0)
+        ref = encode(with_reply, processor, media, max_seq_length=4096, thinking=thinking)
+        assert torch.equal(seq["input_ids"], ref["input_ids"])
