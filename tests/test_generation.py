@@ -288,6 +288,25 @@ def test_exact_match_accuracy_batched(media_dir):
     assert [r["reply"] for r in records] == [g.text.strip() for g in replies]
 
 
+
+def test_sft_recipe_with_packing_reports_exact_match(tmp_path, mixed_data):
+    """recipes.sft trains packed, then evaluates the same instance through generate (batched)."""
+    import json
+
+    from recipes.sft import main
+
+    from conftest import sft_config
+
+    cfg = sft_config(tmp_path, "qwen2_5_vl", mixed_data, **{
+        "data.packing": True, "data.max_tokens_per_batch": 1024, "train.max_steps": 4,
+        "data.eval_path": str(mixed_data), "train.eval_exact_match": 4})
+    summary = main(cfg)
+    records = [json.loads(line) for line in (tmp_path / "out" / "exact_match.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["text", "img", "multi", "vid"]
+    assert summary["exact_match"] == sum(r["correct"] for r in records) / 4
+    assert all(r["finish_reason"] in ("stop", "length") and r["answer"] for r in records)
+    assert records[2]["answer"] == "a square"  # the last assistant turn is the reference
+
 # ------------------------------------------------------------------------------ DeepSpeed ZeRO-3, 2 ranks
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 1e9,
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # shard every parameter

@@ -45,11 +45,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.data.encode import process_conversation
+from vltrain.data.encode import MEDIA_KEYS, process_conversation
 from vltrain.data.formats import Conversation
 from vltrain.data.media import MediaOptions
-
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+from vltrain.families import family_spec, get_module
 
 
 @dataclass
@@ -120,6 +119,9 @@ class GenerationSettings:
 
 @dataclass
 class Generation:
+    """One completion: its text (special tokens skipped, cut after a stop string), the generated token
+    ids through the eos / stop-completing token, and "stop" (eos or stop string) or "length"."""
+
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
@@ -184,9 +186,7 @@ def add_dummy_media_row(model, batch: dict[str, torch.Tensor], pad_token_id: int
     for kind in need:
         out["pixel_values" if kind == "image" else "pixel_values_videos"] = pixels
         out["image_grid_thw" if kind == "image" else "video_grid_thw"] = grid
-    if "video" in need and batch.get("second_per_grid_ts") is None and "second_per_grid_ts" in _rope_arguments(model):
-        out["second_per_grid_ts"] = torch.ones(1)
-    return out, True
+    return out, True  # (no second_per_grid_ts for a dummy video: the rope index takes 1 s per grid)
 
 
 class _RowDone:
@@ -199,14 +199,6 @@ class _RowDone:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         done[self.row] = True
         return done
-
-
-def _rope_arguments(model) -> tuple[str, ...]:
-    import inspect
-
-    from vltrain.families import get_module
-
-    return tuple(inspect.signature(get_module(model, "model").get_rope_index).parameters)
 
 
 # ------------------------------------------------------------------------------------------ finishing
@@ -282,7 +274,10 @@ def generate(model, processor, conversations: list[Conversation], settings: Gene
     config = settings.generation_config(model, tokenizer)
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    pad_token_id = config.pad_token_id if config.pad_token_id is not None else next(iter(eos_ids))
+    if config.pad_token_id is None and not eos_ids:
+        raise ValueError("generate: neither the model's generation_config nor the tokenizer has a pad or eos token id")
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(eos_ids)
+    vision = next(get_module(model, family_spec(model).vision_module).parameters())
     device = next(model.parameters()).device
     batches = [conversations[i: i + batch_size] for i in range(0, len(conversations), batch_size)]
     num_batches = _max_over_ranks(len(batches), device) if synced else len(batches)
@@ -305,12 +300,8 @@ def generate(model, processor, conversations: list[Conversation], settings: Gene
                     batch, added = add_dummy_media_row(model, batch, pad_token_id)
                     if added:  # the dummy row stops after one token instead of running to max_new_tokens
                         stopping = StoppingCriteriaList([_RowDone(len(prompts))])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if "pixel_values" in batch or "pixel_values_videos" in batch:
-                    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-                    for key in ("pixel_values", "pixel_values_videos"):
-                        if key in batch:
-                            batch[key] = batch[key].to(dtype)
+                batch = {k: v.to(device, dtype=vision.dtype if k.startswith("pixel_values") else None)
+                         for k, v in batch.items()}
                 out = model.generate(**batch, generation_config=config, synced_gpus=synced, stopping_criteria=stopping,
                                      tokenizer=tokenizer if settings.stop_strings else None)
                 new = out[: len(prompts), batch["input_ids"].shape[1]:].tolist()
