@@ -298,3 +298,117 @@ def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(
     ddp = [s["grad_norm"] for s in ddp_run[0]["steps"]]
     norms = [s["grad_norm"] for s in ranks[0]["steps"]][: len(ddp)]
     assert [norms[0], *norms[2:]] == pytest.approx([ddp[0], *ddp[2:]], rel=1e-5)
+
+
+# ---------------------------------------------------------------- the real recipe under accelerate launch
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults_recipe")
+    write_image(root / "a.png", (64, 64), seed=1)
+    write_image(root / "b.png", (96, 64), seed=2)
+    write_video(root / "clip.mp4")
+    records = [dict(r, id=f"{r['id']}{i}") for i in range(2) for r in mixed_records()]
+    (root / "train.json").write_text(json.dumps(records))
+    return root / "train.json"
+
+
+def _overrides(data: Path, out: Path, **extra) -> dict:
+    """The recipe's settings for these tests, as conftest.sft_config would set them, with one loader worker."""
+    cfg = sft_config(out.parent, "qwen2_5_vl", data, **{"data.num_workers": 1, "train.output_dir": str(out), **extra})
+    base = {"model.name_or_path": cfg.model.name_or_path, "model.dtype": "float32", "model.attn_implementation": "sdpa",
+            "data.train_path": str(data), "data.image_folder": str(data.parent), "data.num_workers": 1,
+            "data.max_seq_length": 1024, "data.nframes": 4, "data.image_max_pixels": 64 * 64 * 2,
+            "data.video_max_pixels": 64 * 64, "optim.lr": 3e-3, "optim.warmup_steps": 0, "optim.scheduler": "constant",
+            "train.output_dir": str(out), "train.report_to": "none", "train.micro_batch_size": 2, "train.log_every": 1}
+    return {**base, **extra}
+
+
+def _launch(overrides: dict, report: Path, env: dict | None = None) -> subprocess.Popen:
+    """`accelerate launch recipes/sft.py ...` in a new session, under the reaper (tests/faults_run.py)."""
+    cmd = [sys.executable, str(RUNNER), "reap", str(report), "--", sys.executable, "-m", "accelerate.commands.launch",
+           "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "recipes" / "sft.py"), *(f"{k}={v}" for k, v in overrides.items())]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def _statuses(report: Path) -> dict[str, int | None]:
+    """Exit status of the launcher and of the recipe process it started (DataLoader workers left out). The
+    recipe's is None when the launcher outlived it and reaped it itself (then the launcher's status is 1 if
+    the recipe failed)."""
+    procs = json.loads(report.read_text())
+    launcher = next(p for p in procs if "accelerate.commands.launch" in p["cmdline"])
+    script = next(p for p in procs if p["ppid"] == launcher["pid"])
+    return {"launcher": launcher["status"], "recipe": script["status"]}
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"run hung (> {timeout} s): {proc.communicate()[0][-3000:]}")
+    return out
+
+
+def test_recipe_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_like_a_straight_run(recipe_data, tmp_path):
+    from recipes.sft import main
+    from vltrain.config import SFTConfig, load_config
+
+    steps = 30
+    out = tmp_path / "preempted"
+    proc = _launch(_overrides(recipe_data, out, **{"train.max_steps": steps}), tmp_path / "reap.json")
+    # meanwhile (the launch spends most of its time importing): the straight run, in this process
+    straight = main(load_config(SFTConfig, None, [f"{k}={v}" for k, v in _overrides(
+        recipe_data, tmp_path / "straight", **{"train.max_steps": steps}).items()]))
+    assert len(straight["losses"]) == steps
+
+    deadline, lines = time.monotonic() + 150, []
+    for line in proc.stdout:  # SIGTERM to every process of the job once 3 steps have been logged
+        lines.append(line)
+        if f"step {3:>2}/{steps}" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    else:
+        pytest.fail("the run ended before step 3 was logged:\n" + "".join(lines)[-3000:])
+    output = "".join(lines) + _finish(proc, 90)
+
+    statuses = _statuses(tmp_path / "reap.json")
+    # accelerate's single-process launcher has no SIGTERM handler: it dies of the signal at once (documented
+    # in vltrain/faults.py); the recipe finishes its step, checkpoints and exits 0
+    assert statuses == {"launcher": -signal.SIGTERM, "recipe": 0}, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["preempted"] == "SIGTERM" and 3 <= stopped < steps and summary["export_dir"] is None
+    [message] = [line for line in output.splitlines() if "received: stopped after step" in line]
+    assert message.startswith(f"SIGTERM received: stopped after step {stopped}, checkpoint written")
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{stopped:06d}"]
+    assert (out / "checkpoints" / checkpoints[0] / "COMPLETE").is_file()
+    assert "Traceback" not in output and not (out / "final").exists()
+
+    resumed = main(load_config(SFTConfig, None, [f"{k}={v}" for k, v in _overrides(
+        recipe_data, out, **{"train.max_steps": steps, "train.resume": "auto"}).items()]))
+    assert resumed["steps"] == steps and resumed["preempted"] is None
+    assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5)
+    assert resumed["losses"][:stopped] == summary["losses"]
+
+
+def test_recipe_skips_an_injected_nan_step_and_still_finishes(recipe_data, tmp_path):
+    out = tmp_path / "nan"
+    # micro-batch 1 x accumulation 1: backward call 3 is step 3's only micro-batch
+    proc = _launch(_overrides(recipe_data, out, **{"train.max_steps": 6, "train.micro_batch_size": 1}),
+                   tmp_path / "reap.json", env={NAN_HOOK_ENV: "3"})
+    output = _finish(proc, 150)
+    assert _statuses(tmp_path / "reap.json") == {"launcher": 0, "recipe": None}, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["num_bad_steps"] == 1 and summary["export_dir"]
+    assert (out / "final" / "model.safetensors").is_file()
+    [warning] = [line for line in output.splitlines() if "step 3 skipped" in line]
+    third_sample = json.loads(recipe_data.read_text())  # shuffled: the id is one of the dataset's
+    assert any(f"samples: {r['id']}" in warning for r in third_sample), warning
+    step_lines = [line for line in output.splitlines() if "| loss" in line]
+    assert [("skipped (non-finite)" in line) for line in step_lines] == [False, False, True, False, False, False]
