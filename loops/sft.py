@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -90,16 +91,20 @@ def _eval_and_log(accelerator, model, loader, step: int) -> tuple[int, float]:
     return step, loss
 
 
+def _all_ranks(accelerator, count: int) -> int:
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+
 def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None, *,
           skips: SkipLedger | None = None) -> TrainResult:
     """Run SFT (train_cfg: a TrainConfig, optim_cfg: an OptimConfig). `skips` counts the data layer's skipped
     samples against `data.max_bad_fraction` (default: a ledger with DataConfig's default fraction)."""
     tcfg, ga = train_cfg, accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
-    if skips is None:
+    if skips is None:  # this rank's share of the dataset, at DataConfig's default fraction
         from vltrain.config import DataConfig
 
-        skips = SkipLedger(DataConfig.max_bad_fraction, len(train_loader.dataset))
+        skips = SkipLedger(DataConfig.max_bad_fraction, max(1, len(train_loader.dataset) // accelerator.num_processes))
     optimizer = build_optimizer(model, optim_cfg, cpu_offload=deepspeed_offloads_optimizer(accelerator))
     fill_deepspeed_auto(accelerator, model, optim_cfg.max_grad_norm)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -120,6 +125,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                f"params {sum(p.numel() for p in group['params']):,}")
 
     result = TrainResult(step=state.step, model=model)
+    skipped_before = state.num_skipped  # all ranks, up to the checkpoint resumed from (the ledger starts empty)
     guard = NonFiniteGuard(tcfg.max_bad_steps)
     batches = resumable_batches(accelerator, train_loader, state.epoch, state.next_batch)
     bar = tqdm(total=num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
@@ -170,8 +176,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
             if eval_loader is not None and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < num_steps:
                 result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
             stop = preemption.requested(accelerator)
-            state.num_skipped = skips.count
             if stop or (tcfg.save_every and (state.step % tcfg.save_every == 0 or state.step == num_steps)):
+                state.num_skipped = skipped_before + _all_ranks(accelerator, skips.count)
                 save_checkpoint(accelerator, tcfg.output_dir, state.step, scheduler, state.to_dict(), tcfg.save_total_limit)
             if stop:
                 result.preempted = preemption.signal_name or "signal"
@@ -182,8 +188,11 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
 
     if eval_loader is not None and result.preempted is None:
         result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
-    result.num_skipped = int(accelerator.reduce(torch.tensor(skips.count, device=accelerator.device), "sum"))
-    result.skipped = skips.summary()
+    # every rank's skipped samples, plus those counted before a resume (the ledger starts empty then)
+    result.num_skipped = skipped_before + _all_ranks(accelerator, skips.count)
+    records = skips.summary()["records"]
+    result.skipped = {**skips.summary(), "num_skipped": result.num_skipped,
+                      "records": gather_object(records) if world > 1 else records}
     if result.num_skipped:
         print0(f"skipped {result.num_skipped} sample(s) that could not be used (see warnings above)")
     result.step, result.history, result.num_bad_steps = state.step, list(state.losses), guard.num_bad_steps

@@ -64,7 +64,7 @@ def main(cfg: SFTConfig) -> dict:
     }
     print0("data: " + ", ".join(f"{len(loader.dataset)} {split} samples" for split, loader in loaders.items()))
 
-    skips = SkipLedger(data.max_bad_fraction, len(loaders["train"].dataset))
+    skips = SkipLedger(data.max_bad_fraction, max(1, len(loaders["train"].dataset) // accelerator.num_processes))
     result = train(accelerator, built.model, loaders["train"], cfg.train, cfg.optim, loaders.get("eval"), skips=skips)
     export_dir = None
     if result.preempted is None:

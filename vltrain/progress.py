@@ -36,7 +36,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     next_batch: int = 0  # index within `epoch` of the next micro-batch to train on
-    num_skipped: int = 0  # samples skipped by the data layer so far (this rank's view; summed at the end)
+    num_skipped: int = 0  # samples skipped by the data layer so far, all ranks (summed at each checkpoint)
     num_bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     losses: list[float] = field(default_factory=list)  # one global-mean loss per optimizer step, from step 1
 

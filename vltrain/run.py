@@ -72,8 +72,9 @@ def flat_config(cfg) -> dict:
 
 def run_recipe(setup, main, argv: list[str] | None = None) -> None:
     """`main(setup(argv))` with every user mistake (a bad config, data file or record, model path) ending in
-    one line, exit code 2 for config / data errors and 1 for a run stopped by its faults."""
+    one line (exit status 1); a run stopped by a signal returns normally (exit 0) after its checkpoint."""
     from vltrain.data.formats import DataFormatError
+    from vltrain.data.skips import TooManySkips
     from vltrain.faults import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -87,7 +88,7 @@ def run_recipe(setup, main, argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {e}")
     try:
         main(config)
-    except DataFormatError as e:  # a malformed record or data file: its file, sample and field
+    except (DataFormatError, TooManySkips) as e:  # a malformed record or data file, or too many unusable samples
         sys.exit(f"data error: {e}")
     except NonFiniteError as e:
         sys.exit(f"stopped: {e}")
