@@ -17,9 +17,11 @@ without a batch dimension, plus the sample's `"id"`:
   completion: {"id", "prompt_length": P, media tensors, "sequences": [{"input_ids", "labels",
   "mm_token_type_ids"} (P + C_k,) ...]}. Each sequence is the prompt's tokens followed by the tokens of
   the chat template's rendering of that completion as the assistant reply (the text after the rendered
-  prompt, `<|im_end|>\\n` included); labels cover only those reply tokens through `<|im_end|>`. Every
-  sequence holds the same media tokens, so each one runs with the shared pixel tensors. A sequence longer
-  than `max_seq_length` skips the record (a completion is never cut).
+  prompt, `<|im_end|>\\n` included); labels cover only those reply tokens through `<|im_end|>`. With a
+  thinking template the generation prompt ends in `<think>\\n` (data.thinking "keep") or in the empty
+  block ("off"); that part is prompt, as it is when the model generates. Every sequence
+  holds the same media tokens, so each one runs with the shared pixel tensors. A sequence longer than
+  `max_seq_length` skips the record (a completion is never cut).
 * `encode_unlabeled` (classification): a prompt or a whole conversation, no labels; truncated like
   `encode` (text from the end, never media) and recorded in `"truncated"`.
 
