@@ -3,12 +3,23 @@
 The reference is the stock forward's `logits`, `log_softmax(logits.float() / T)` gathered at the
 shifted labels. Values are compared in fp32 at atol 1e-5, gradients (after backward of a random
 weighted sum of the outputs) at atol 1e-5 on every parameter.
+
+The slow tests run this file as a 2-process worker (torchrun, CPU gloo) under ZeRO-3 and FSDP2:
+rank 0 holds a text-only example and rank 1 an image example; values and one SGD step must match
+one process computing both:
+
+    torchrun --nproc_per_node 2 tests/test_logprobs.py BACKEND MEDIA_DIR OUT_DIR
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +39,7 @@ from vltrain.progress import model_inputs
 from vltrain.tiny import build_tiny
 from vltrain.trainable import configure_trainable
 
-from conftest import FAMILIES
+from conftest import FAMILIES, REPO
 
 ATOL = 1e-5
 
@@ -54,18 +65,19 @@ def _fresh(model_type):
     return copy.deepcopy(model), processor
 
 
-_ENCODED: dict[str, tuple] = {}
+_ENCODED: dict[tuple[str, int], dict] = {}
 
 
 def _examples(model_type, media_dir, mixed_data, which=(0, 1, 2, 3)):
-    """The four mixed records (text, image, two images, video), encoded once per family: every test's
-    `mixed_data` / `media_dir` fixtures hold the same files."""
-    if model_type not in _ENCODED:
-        media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
-                             video_max_pixels=64 * 64, nframes=4)
-        ds = SFTDataset(mixed_data, _tiny(model_type)[1], media, max_seq_length=1024, image_folder=str(media_dir))
-        _ENCODED[model_type] = tuple(ds[i] for i in range(len(ds)))
-    return [_ENCODED[model_type][i] for i in which]
+    """Mixed records (0 text, 1 image, 2 two images, 3 video), each encoded once per family: every
+    test's `mixed_data` / `media_dir` fixtures hold the same files."""
+    media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
+                         video_max_pixels=64 * 64, nframes=4)
+    ds = SFTDataset(mixed_data, _tiny(model_type)[1], media, max_seq_length=1024, image_folder=str(media_dir))
+    for i in which:
+        if (model_type, i) not in _ENCODED:
+            _ENCODED[model_type, i] = ds[i]
+    return [_ENCODED[model_type, i] for i in which]
 
 
 def _padded(model_type, examples):
@@ -343,3 +355,75 @@ def test_user_mistakes_raise_value_errors():
         token_logprobs(model, batch, chunk_size=0)
     with pytest.raises(ValueError, match="position_ids"):
         sequence_logprobs(model, dict(batch, position_ids=torch.zeros(3, 1, 8, dtype=torch.long)))
+
+
+# ------------------------------------------------------------------------------- 2 processes (slow)
+DIST_PARAMS = ("lm_head.weight", "model.visual.blocks.0.attn.qkv.weight",
+               "model.language_model.layers.0.mlp.down_proj.weight")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])  # the two that shard lm_head; DDP adds nothing here
+def test_two_processes_text_rank_and_image_rank(backend, media_dir, mixed_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", __file__, backend, str(media_dir), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["value_err"] <= ATOL, result
+        for name in DIST_PARAMS:
+            err, update = result["param_err"][name]
+            assert update > 1e-4 and err <= ATOL, (name, result)
+
+
+def _distributed_worker(backend: str, media_dir: Path, out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_backends import BACKEND_ENV
+
+    os.environ.update(BACKEND_ENV[backend])
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    from accelerate import Accelerator
+
+    from vltrain.distributed import fill_deepspeed_auto
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    model, _ = _fresh("qwen2_5_vl")
+    text, image = _examples("qwen2_5_vl", media_dir, media_dir / "train.json", which=(0, 1))
+    batches = [_padded("qwen2_5_vl", [text]), _padded("qwen2_5_vl", [image])]
+    lr = 0.5
+
+    single = copy.deepcopy(model)  # one process, both ranks' batches, gradients averaged as DDP does
+    for batch in batches:
+        (token_logprobs(single, batch).sum() / 2).backward()
+    params = dict(single.named_parameters())
+    expected = {n: params[n].detach() - lr * params[n].grad for n in DIST_PARAMS}
+    updates = {n: float((lr * params[n].grad).abs().max()) for n in DIST_PARAMS}
+    with torch.no_grad():
+        expected_values = token_logprobs(single, batches[accelerator.process_index])
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    fill_deepspeed_auto(accelerator, model, 0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    values = token_logprobs(model, batches[accelerator.process_index])
+    accelerator.backward(values.sum())
+    optimizer.step()
+    errors = {}
+    for name, p in accelerator.unwrap_model(model).named_parameters():
+        if name not in DIST_PARAMS:
+            continue
+        if backend == "zero3":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.detach().clone()
+        else:
+            full = p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
+        errors[name] = [float((full - expected[name]).abs().max()), updates[name]]
+    result = {"value_err": float((values.detach() - expected_values).abs().max()), "param_err": errors}
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _distributed_worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
