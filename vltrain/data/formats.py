@@ -61,8 +61,8 @@ class Turn:
     role: Literal["system", "user", "assistant"]
     parts: list[Part] = field(default_factory=list)
 
-
     def is_empty(self) -> bool:
+        """No media and no text but whitespace."""
         return not any(p.kind != "text" or p.value.strip() for p in self.parts)
 
 
