@@ -199,6 +199,21 @@ def test_labels_at_a_packed_example_start_are_not_predicted_across_examples():
     torch.testing.assert_close(logp_sum, torch.stack([out[0, :6].sum(), out[0, 6:].sum()]))
 
 
+def test_bf16_model_without_gradients_matches_full_logits():
+    """bf16 weights: the chunk matmul runs in bf16 as the stock lm_head does, the softmax in fp32."""
+    model, _ = build_tiny("qwen2_vl", dtype=torch.bfloat16)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             "mm_token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        ref = reference_token_logprobs(model, batch)
+        out = token_logprobs(model, batch, chunk_size=5)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)
+
+
 # ------------------------------------------------------------------------------- memory: chunk-sized logits
 class _VocabShapes(TorchDispatchMode):
     """Records the shape of every tensor any op (forward or backward) produces with a vocab-sized last dim."""
