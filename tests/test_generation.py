@@ -328,17 +328,25 @@ def _zero3_rank(media_dir: str, out: str) -> None:
     sharded = all(p.numel() == 0 for p in module.parameters())
     convs = _prompts()
     mine = convs[:1] if rank == 0 else convs[1:]
-    got = generate(module, processor, mine, GenerationSettings(max_new_tokens=NEW_TOKENS), media=_media("qwen2_5_vl"),
-                   image_folder=media_dir, batch_size=2, show_progress=False)
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+    got = generate(module, processor, mine, settings, media=_media("qwen2_5_vl"), image_folder=media_dir,
+                   batch_size=2, show_progress=False)  # synced_gpus auto: sharded, 2 ranks -> True
+    result = {"sharded": sharded, "token_ids": [g.token_ids for g in got]}
+    if rank == 0:  # an unsharded model on the main process alone (as under DDP): auto must not wait for rank 1
+        plain, _ = build_tiny("qwen2_5_vl")
+        alone = generate(plain, processor, convs, settings, media=_media("qwen2_5_vl"), image_folder=media_dir,
+                         batch_size=4, show_progress=False)
+        result["alone"] = [g.token_ids for g in alone]
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"sharded": sharded, "token_ids": [g.token_ids for g in got]}, f)
+        json.dump(result, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 def test_zero3_ranks_generate_their_own_prompts(media_dir, tmp_path):
     """2 CPU ranks under DeepSpeed ZeRO-3 (every parameter sharded), different numbers of prompts and
-    modalities per rank: no hang, and each rank's completions are what the unsharded model generates."""
+    modalities per rank: no hang, and each rank's completions are what the unsharded model generates.
+    Then rank 0 alone generates with an unsharded model (the DDP case) while rank 1 waits: no hang."""
     import json
     import subprocess
     import sys
@@ -356,6 +364,7 @@ def test_zero3_ranks_generate_their_own_prompts(media_dir, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["sharded"] for r in ranks)
     assert ranks[0]["token_ids"] == want[:1] and ranks[1]["token_ids"] == want[1:]
+    assert ranks[0]["alone"] == want
 
 
 if __name__ == "__main__":

@@ -335,8 +335,8 @@ def stock_attention(model):
     if text_config._attn_implementation != ATTN_NAME:
         yield
         return
-    stock = getattr(base, "_vltrain_stock_text_attn", None)
-    assert stock is not None, "packed attention set without enable_packed_attention"
+    # "sdpa" when the packed attention was asked for at load time (nothing recorded to go back to)
+    stock = getattr(base, "_vltrain_stock_text_attn", "sdpa")
     language_model = get_module(model, family_spec(model).llm_module)
     vision_impl = base.config.vision_config._attn_implementation
     use_cache = text_config.use_cache

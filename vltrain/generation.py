@@ -28,7 +28,9 @@ Policies:
 
 Sharded parameters (DeepSpeed ZeRO-3, FSDP2): every rank generates ITS OWN prompts and every forward
 gathers parameters collectively, so all ranks must run the same sequence of forwards. With
-`synced_gpus=True` (default None = True when torch.distributed is initialised with world size > 1):
+`synced_gpus=True` (default None = auto: True when torch.distributed runs with world size > 1 AND the
+model's parameters are sharded -- `parameters_sharded(model)`; an unsharded model under DDP may then
+generate on the main process alone without waiting for peers that never come):
 transformers keeps a finished rank stepping until every rank is done; every rank runs the same number
 of batches (a rank with fewer prompts generates and discards a dummy batch); and every batch holds an
 image and a video (a batch that lacks one gets an extra row of one dummy image / video token, one merged
@@ -221,11 +223,20 @@ def finish(new_tokens: list[int], tokenizer, eos_ids: set[int], stop_strings: li
     return Generation(tokenizer.decode(new_tokens, skip_special_tokens=True), list(new_tokens), "length")
 
 
-def resolve_synced_gpus(synced_gpus: bool | None) -> bool:
-    """None -> True when torch.distributed is initialised with world size > 1."""
+def parameters_sharded(model) -> bool:
+    """True when this model's parameters are sharded over ranks: DeepSpeed ZeRO-3 parameters carry a
+    `ds_id`, FSDP2 parameters are DTensors (read from the model: no accelerator needed)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+def resolve_synced_gpus(synced_gpus: bool | None, model) -> bool:
+    """None -> True when torch.distributed runs with world size > 1 and the parameters are sharded. An
+    unsharded model (single process, DDP, ZeRO-1/2) generates alone, e.g. on the main process only."""
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if synced_gpus is None:
-        return initialised and torch.distributed.get_world_size() > 1
+        return initialised and torch.distributed.get_world_size() > 1 and parameters_sharded(model)
     if synced_gpus and not initialised:
         raise ValueError("generate(synced_gpus=True) needs torch.distributed initialised (one process per rank)")
     return bool(synced_gpus)
@@ -269,7 +280,7 @@ def generate(model, processor, conversations: list[Conversation], settings: Gene
         if not conv.turns or conv.turns[-1].role == "assistant":
             raise ValueError(f"generate: sample {conv.sample_id!r}: a prompt must not end with an assistant turn "
                              "(pass the turns before the reply)")
-    synced = resolve_synced_gpus(synced_gpus)
+    synced = resolve_synced_gpus(synced_gpus, model)
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)
     eos = config.eos_token_id
