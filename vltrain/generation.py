@@ -35,7 +35,11 @@ transformers keeps a finished rank stepping until every rank is done; every rank
 of batches (a rank with fewer prompts generates and discards a dummy batch); and every batch holds an
 image and a video (a batch that lacks one gets an extra row of one dummy image / video token, one merged
 token of zero pixels, generated and discarded), so the vision tower runs on every rank in every prefill,
-as in training (vltrain.vision). Sampling under a seed uses that seed on every rank.
+as in training (vltrain.vision). Sampling under a seed uses that seed on every rank. Tested on 2 CPU
+ranks under DeepSpeed ZeRO-3 (without the dummy rows that run hangs); FSDP2 is not testable on CPU
+(accelerate runs an fsdp2 launch as DDP there) and relies on the same synced forwards.
+
+Batches are cut in input order (no sorting by length); the model's train/eval mode is restored.
 """
 
 from __future__ import annotations
