@@ -12,7 +12,7 @@ forward's `logits` field holds them. The model is called through its top-level f
 ZeRO-3 gathers `lm_head.weight` only inside `lm_head.__call__`, which is exactly where this runs. The
 previous `lm_head.forward` instance attribute (e.g. the fused_linear_ce kernel's) is put back
 afterwards, so the two compose in either order, and a `copy.deepcopy` (a DPO reference) has nothing
-of this left on it.
+of this left on it. Checked under 2-process ZeRO-3 and FSDP2 on CPU (tests/test_logprobs.py, slow).
 
 Inside, tokens are taken in chunks of `chunk_size` (default: 2**26 fp32 logits elements, as fused_ce);
 each chunk computes `hidden @ W.T (+ b)` in the weight dtype, then in fp32 `/ temperature`,
@@ -28,7 +28,11 @@ rewards, ...) are ignored. A batch without images or videos gets a dummy one app
 (vltrain.vision.complete_modalities, as sft_loss does), so every rank runs the vision tower; the
 appended columns are cut off the result. Padded vs packed: a batch with `position_ids` and no
 `attention_mask` is packed, and its examples start wherever text position (row 0) is 0; any other
-batch has one sequence per row.
+batch has one sequence per row. The first token of every sequence gets no log-prob (0, not counted):
+nothing, or another packed example, precedes it.
+
+Entropy (`token_logprobs_and_entropy`, for GRPO's logs or an entropy bonus) comes from the same chunk
+of logits, with gradients: one more reduction over the vocab per chunk, no extra memory held.
 """
 
 from __future__ import annotations
