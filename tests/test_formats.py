@@ -85,6 +85,7 @@ def _llava(*turns, **fields):
     (_llava(("system", "s"), ("gpt", "a")), 1, "starts with an assistant turn"),
     (_llava(("human", "q"), ("gpt", "a"), ("human", "q2")), 2, "ends with a user turn"),
     (_llava(("human", "q"), ("gpt", "  \n")), 1, "empty assistant turn"),
+    (_llava(("system", "s")), 0, "only a system turn, no user turn"),
     ({"id": "x", "messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "a"}]}, 0,
      "empty user turn"),
     ({"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},

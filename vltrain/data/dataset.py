@@ -37,6 +37,8 @@ class SFTDataset(Dataset):
     replacement Example lists it in `skipped` so the loop's SkipLedger can count skips across workers and
     ranks. `max_consecutive_skips` replacements in a row from one index raise (the data is unusable).
     `source` names the file in skip / truncation records of Conversations passed in directly.
+    Prompt-only conversations, and extra fields named like an Example key (`RESERVED_KEYS`, e.g. a
+    record field "labels"), are DataFormatErrors when the dataset is built.
     """
 
     def __init__(self, path_or_conversations: str | Path | list[Conversation], processor, media: MediaOptions, *,

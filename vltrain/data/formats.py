@@ -240,7 +240,7 @@ def _check_shape(turns: list[Turn], where: str, require_reply: bool) -> None:
         if previous == turn.role:
             raise DataFormatError(f"{at}: two {turn.role} turns in a row")
     if all(t.role == "system" for t in turns):
-        raise DataFormatError(f"{where}: no user turn")
+        raise DataFormatError(f"{where} turn {len(turns) - 1}: only a system turn, no user turn")
     if require_reply and turns[-1].role != "assistant":
         raise DataFormatError(f"{where} turn {len(turns) - 1}: ends with a user turn, so no assistant turn answers it "
                               "(prompt-only records are for generation / GRPO)")
