@@ -17,7 +17,11 @@ of this left on it. Checked under 2-process ZeRO-3 and FSDP2 on CPU (tests/test_
 Inside, tokens are taken in chunks of `chunk_size` (default: 2**26 fp32 logits elements, as fused_ce);
 each chunk computes `hidden @ W.T (+ b)` in the weight dtype, then in fp32 `/ temperature`,
 log_softmax and a gather, under non-reentrant `torch.utils.checkpoint`, so one chunk of logits is
-alive at a time in forward and in backward (it is recomputed there).
+alive at a time in forward and in backward (it is recomputed there). Measured on an H200 (torch 2.11,
+bf16, 16,384 targets, hidden 3584, vocab 151,936, `chunked_target_logprobs` alone, forward + backward):
+3.2 GiB peak extra memory and 185 ms, against 27.8 GiB and 107 ms for full logits + log_softmax;
+values identical, gradients within bf16 rounding (relative 8e-4 for the hidden states, 2.7e-3 for
+the weight, whose per-chunk gradients autograd sums in the weight's dtype).
 
 The chunked torch path runs on every device. liger's fused linear cross-entropy is not used: it has no
 temperature, and whether its per-token (`reduction="none"`) backward is right for arbitrary per-token
