@@ -181,7 +181,8 @@ def test_rope_index_class_comes_from_the_family_table_and_pickles(model_type):
 
 def test_collators_keep_unknown_keys_in_sample_order():
     def example(n, **extra):
-        return {"input_ids": torch.arange(n), "labels": torch.arange(n), "mm_token_type_ids": torch.zeros(n, dtype=torch.long),
+        return {"input_ids": torch.arange(n), "labels": torch.arange(n),
+                "mm_token_type_ids": torch.zeros(n, dtype=torch.long),
                 "skipped": [], "truncated": [], **extra}
 
     examples = [example(3, id="a", score=0.5), example(5, id="b", group=[1, 2]), example(2, id="c", score=None)]

@@ -318,5 +318,6 @@ def encode_unlabeled(
     tokens = {"input_ids": out["input_ids"][0], "mm_token_type_ids": out["mm_token_type_ids"][0]}
     truncated = []
     if max_seq_length is not None:
-        tokens, truncated = _truncate(conv, tokens, max_seq_length, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        tokens, truncated = _truncate(conv, tokens, max_seq_length, im_end)
     return {"id": conv.sample_id, **tokens, **_media_tensors(out), "truncated": truncated}
