@@ -1,13 +1,17 @@
 """Helpers for test_faults.py.
 
-    torchrun --nproc_per_node 2 tests/faults_run.py train BACKEND OUT_DIR SIGNAL_STEP
+    torchrun --nproc_per_node 2 tests/faults_run.py train BACKEND OUT_DIR [steps=6] [signal_step=0]
+                                                    [loss_nan_step=0] [sleep=0]
     python tests/faults_run.py reap REPORT.json -- COMMAND ...
 
-train: a tiny torch model trained with vltrain.faults on 2 CPU ranks for up to 6 steps. With SIGNAL_STEP > 0,
-    rank 1 sends itself SIGTERM in the middle of that step (between its two micro-batches); every rank
-    records the step after which `Preemption.requested` said stop and the signal name it learnt.
-    VLTRAIN_TEST_NAN_BACKWARD (set by the test) poisons micro-batches; every rank records, per step, the
-    norm, whether it stepped, which weights / optimizer tensors changed and whether the scheduler advanced.
+train: a tiny torch model trained with vltrain.faults on 2 CPU ranks for `steps` steps of 2 micro-batches.
+    signal_step: rank 1 sends itself SIGTERM in the middle of that step (between its two micro-batches).
+    loss_nan_step: rank 1 adds NaN to its first micro-batch loss of that step -- a NaN loss whose gradients
+    stay finite. VLTRAIN_TEST_NAN_BACKWARD (set by the test) poisons whole micro-batches (NaN gradients).
+    sleep: seconds per step, so a test can signal the launcher mid-run; rank 0 prints "step N done".
+    Every rank records, per step, the norm, whether it stepped, which weights / optimizer tensors changed
+    and whether the scheduler advanced; and the step after which `Preemption.requested` said stop and the
+    signal name it learnt. The file is written last, after the process group is torn down.
     BACKEND ddp | zero2 | zero3: picked through accelerate's environment variables, as tests/dist_backends.py
     does (`accelerate launch --use_deepspeed` does not start on CPU). fp32. Each rank writes OUT_DIR/rank{r}.json.
 reap: runs COMMAND as a child subreaper (Linux prctl): processes orphaned when their parent dies (the
@@ -21,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GA, MICRO, STEPS = 2, 2, 6
+GA, MICRO = 2, 2
 
 
 def deepspeed_config(stage: int, out: Path) -> Path:
@@ -76,7 +81,8 @@ def changed(before: dict, after: dict) -> list[str]:
                   if k not in before or k not in after or not torch.equal(before[k], after[k]))
 
 
-def train(backend: str, out: Path, signal_step: int) -> None:
+def train(backend: str, out: Path, steps: int = 6, signal_step: int = 0, loss_nan_step: int = 0,
+          sleep: float = 0.0) -> None:
     if backend != "ddp":
         os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
                            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(deepspeed_config(int(backend[-1]), out))})
@@ -98,7 +104,8 @@ def train(backend: str, out: Path, signal_step: int) -> None:
               "steps": []}
     generator = torch.Generator().manual_seed(100 + rank)
     with Preemption() as preemption:
-        for step in range(1, STEPS + 1):
+        for step in range(1, steps + 1):
+            time.sleep(sleep)
             step_loss = torch.zeros(())
             for micro in range(GA):
                 if rank == 1 and step == signal_step and micro == 1:
@@ -106,6 +113,8 @@ def train(backend: str, out: Path, signal_step: int) -> None:
                 x = torch.randn(MICRO, 8, generator=generator)
                 with accelerator.accumulate(model):
                     loss = (model(x) - x[:, :4]).pow(2).mean()
+                    if rank == 1 and step == loss_nan_step and micro == 0:
+                        loss = loss + float("nan")
                     backward(accelerator, model, loss * GA * accelerator.num_processes)
                     step_loss += loss.detach()
             before = snapshot(accelerator, optimizer)
@@ -118,9 +127,11 @@ def train(backend: str, out: Path, signal_step: int) -> None:
             if preemption.requested(accelerator):
                 record.update(stopped_after=step, signal_name=preemption.signal_name)
                 break
+            if rank == 0:
+                print(f"step {step} done", flush=True)
     record["num_bad_steps"] = guard.num_bad_steps
-    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     accelerator.end_training()
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 
 def _descendants(root: int, seen: dict) -> None:
@@ -140,7 +151,6 @@ def _descendants(root: int, seen: dict) -> None:
 def reap(report: Path, command: list[str]) -> None:
     import ctypes
     import subprocess
-    import time
 
     PR_SET_CHILD_SUBREAPER = 36
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -172,4 +182,5 @@ if __name__ == "__main__":
         reap(Path(sys.argv[2]), sys.argv[4:])
     else:
         torch.set_num_threads(1)
-        train(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        options = {k: float(v) if k == "sleep" else int(v) for k, v in (a.split("=") for a in sys.argv[4:])}
+        train(sys.argv[2], Path(sys.argv[3]), **options)

@@ -244,10 +244,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(backend: str, out: Path, signal_step: int, nan: str, timeout: int = 240) -> list[dict]:
+def _torchrun(backend: str, out: Path, **options) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(RUNNER), "train", backend, str(out), str(signal_step)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            str(RUNNER), "train", backend, str(out), *(f"{k}={v}" for k, v in options.items())]
+
+
+def _two_ranks(backend: str, out: Path, nan: str, timeout: int = 240, **options) -> list[dict]:
+    cmd = _torchrun(backend, out, **options)
     env = {**os.environ, NAN_HOOK_ENV: nan}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
@@ -261,18 +265,21 @@ def _two_ranks(backend: str, out: Path, signal_step: int, nan: str, timeout: int
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """Backward call 3 on rank 1 (step 2's first micro-batch there) is NaN; rank 1 signals itself in step 4."""
-    return _two_ranks("ddp", tmp_path_factory.mktemp("ddp"), signal_step=4, nan="3@1")
+    """Backward call 3 on rank 1 (step 2's first micro-batch there) is NaN, rank 1's step-3 loss is NaN with
+    finite gradients, and rank 1 signals itself in step 4."""
+    return _two_ranks("ddp", tmp_path_factory.mktemp("ddp"), nan="3@1", steps=6, signal_step=4, loss_nan_step=3)
 
 
 def test_ddp_nan_on_one_rank_skips_on_both_and_a_signal_to_one_rank_stops_both(ddp_run):
     r0, r1 = ddp_run
     for rank in (r0, r1):
         assert rank["distributed_type"] == "DistributedType.MULTI_CPU"
-        assert [s["stepped"] for s in rank["steps"]] == [True, False, True, True]
-        assert rank["steps"][1]["changed"] == [] and rank["steps"][1]["scheduler_advanced"] == 0
+        assert [s["stepped"] for s in rank["steps"]] == [True, False, False, True]
+        for bad in rank["steps"][1:3]:
+            assert bad["changed"] == [] and bad["scheduler_advanced"] == 0
+        assert rank["steps"][2]["grad_norm"] == pytest.approx(rank["steps"][2]["grad_norm"])  # finite: the loss decided
         assert all(s["changed"] and s["scheduler_advanced"] == 1 for s in rank["steps"] if s["stepped"])
-        assert rank["num_bad_steps"] == 1
+        assert rank["num_bad_steps"] == 2
         # both stop after step 4 (rank 0 never got a signal) and know which signal it was
         assert rank["stopped_after"] == 4 and rank["signal_name"] == "SIGTERM"
     assert r0["steps"] == r1["steps"]
@@ -282,13 +289,14 @@ def test_ddp_nan_on_one_rank_skips_on_both_and_a_signal_to_one_rank_stops_both(d
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(tmp_path, stage, ddp_run):
     pytest.importorskip("deepspeed")
-    ranks = _two_ranks(f"zero{stage}", tmp_path, signal_step=0, nan="3@1")
+    # step 2: NaN gradients (DeepSpeed's own skip); step 3: a NaN loss with finite gradients on rank 1
+    ranks = _two_ranks(f"zero{stage}", tmp_path, nan="3@1", steps=6, loss_nan_step=3)
     for rank in ranks:
         assert rank["distributed_type"] == "DistributedType.DEEPSPEED" and "stopped_after" not in rank
-        assert [s["stepped"] for s in rank["steps"]] == [True, False, True, True, True, True]
-        bad = rank["steps"][1]
-        assert bad["changed"] == [] and bad["scheduler_advanced"] == 0 and bad["grad_norm"] == float("inf")
-        good = rank["steps"][2]["changed"]
+        assert [s["stepped"] for s in rank["steps"]] == [True, False, False, True, True, True]
+        for bad in rank["steps"][1:3]:
+            assert bad["changed"] == [] and bad["scheduler_advanced"] == 0 and bad["grad_norm"] == float("inf")
+        good = rank["steps"][3]["changed"]
         # weights (this rank's shard), DeepSpeed's fp32 master partition, Adam's moments and step all move
         assert any(k.startswith("param.") for k in good) and "fp32.0" in good
         assert {k.split(".", 1)[1] for k in good if k.startswith("state")} == {"exp_avg", "exp_avg_sq", "step"}
@@ -297,7 +305,33 @@ def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(
     # same gradients, clipping and schedule as DDP on the applied steps
     ddp = [s["grad_norm"] for s in ddp_run[0]["steps"]]
     norms = [s["grad_norm"] for s in ranks[0]["steps"]][: len(ddp)]
-    assert [norms[0], *norms[2:]] == pytest.approx([ddp[0], *ddp[2:]], rel=1e-5)
+    assert [norms[0], norms[3]] == pytest.approx([ddp[0], ddp[3]], rel=1e-5)
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_which_checkpoint_step_and_exit_while_the_agent_exits_1(tmp_path):
+    """What torchrun's elastic agent (also `accelerate launch --multi_gpu`) does with a SIGTERM sent to its
+    process group: the ranks live in their own sessions, so only the agent gets it; it forwards SIGTERM to
+    each rank's group, waits for them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and exits 1."""
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, str(RUNNER), "reap", str(tmp_path / "reap.json"), "--",
+           *_torchrun("ddp", out, steps=60, sleep=0.25)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, NAN_HOOK_ENV: ""})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 2 done" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    else:
+        pytest.fail("no step finished:\n" + "".join(lines)[-3000:])
+    output = "".join(lines) + _finish(proc, 120)
+    agent = next(p for p in json.loads((tmp_path / "reap.json").read_text()) if "torch.distributed.run" in p["cmdline"])
+    assert agent["status"] == 1 and "death signal, shutting down workers" in output, output[-3000:]
+    assert output.count("closing signal SIGTERM") == 2  # one forwarded SIGTERM per rank (to its process group)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))  # written after end_training
+    assert r0["stopped_after"] == r1["stopped_after"] < 60 and r0["signal_name"] == r1["signal_name"] == "SIGTERM"
+    assert "SIGKILL" not in output
 
 
 # ---------------------------------------------------------------- the real recipe under accelerate launch
