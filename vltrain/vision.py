@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vltrain.data.encode import IGNORE_INDEX
 from vltrain.families import family_spec, get_module
 
 
@@ -59,7 +60,7 @@ def complete_modalities(model, batch: dict) -> tuple[dict, bool]:
     tokens = [config.image_token_id if k == "image" else config.video_token_id for k in need]
     types = [1 if k == "image" else 2 for k in need]
     out["input_ids"] = grow(ids, 0, tokens)
-    out["labels"] = grow(batch["labels"], -100, [-100] * n)
+    out["labels"] = grow(batch["labels"], IGNORE_INDEX, [IGNORE_INDEX] * n)
     out["mm_token_type_ids"] = grow(batch["mm_token_type_ids"], 0, types)
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = grow(batch["attention_mask"], 0, [1] * n)

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vltrain.data.encode import IGNORE_INDEX
+
 LOGITS_PER_CHUNK = 2**26  # fp32 logits elements alive at once in the torch fallback (256 MiB)
 
 
