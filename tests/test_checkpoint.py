@@ -136,36 +136,45 @@ main(load_config(SFTConfig, None, {overrides!r}))
 """
 
 
-def test_sigkill_at_a_random_moment_then_resume_finishes(tmp_path, image_data):
-    cfg = lora_cfg(tmp_path, "qwen2_vl", image_data, **{"train.max_steps": 40, "train.save_every": 1,
+def test_sigkill_mid_save_then_resume_ignores_the_torn_tmp_and_replaces_it(tmp_path, image_data):
+    """SIGKILL at a random moment inside a save (after step 1's checkpoint is complete): the torn
+    `step_N.tmp` is left behind; resume starts from the newest complete checkpoint (ignoring the .tmp),
+    and the resumed run's save of step N replaces the torn folder, so no .tmp remains at the end."""
+    cfg = lora_cfg(tmp_path, "qwen2_vl", image_data, **{"train.max_steps": 6, "train.save_every": 1,
                                                         "train.resume": "auto", "train.save_total_limit": 2})
     overrides = [f"{section}.{k}={v}" for section, values in
                  __import__("dataclasses").asdict(cfg).items() for k, v in values.items()
                  if v is not None and not isinstance(v, (list, tuple))]
     script = _CHILD.format(repo=str(REPO), overrides=overrides)
-    env = {**os.environ, "VLTRAIN_SAVE_SLEEP": "0.2", "PYTHONPATH": str(REPO)}
+    save_sleep = 2.0  # every save sleeps this long between writing its .tmp and renaming it
+    env = {**os.environ, "VLTRAIN_SAVE_SLEEP": str(save_sleep), "PYTHONPATH": str(REPO)}
     out = Path(cfg.train.output_dir)
+    root = out / "checkpoints"
     rng = random.Random(int(time.time()))
 
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not checkpoint_dirs(out) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert checkpoint_dirs(out), f"no checkpoint written: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
-    time.sleep(rng.uniform(0.0, 1.5))  # every save sleeps 0.2 s between writing and renaming
+    torn = []
+    while not torn and time.time() < deadline and proc.poll() is None:
+        torn = list(root.glob("*.tmp")) if checkpoint_dirs(out) else []
+        time.sleep(0.01)
+    assert torn, f"no save after a complete one: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    time.sleep(rng.uniform(0.0, save_sleep / 2))  # somewhere between the .tmp's mkdir and its rename
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
     killed_at = [int(p.name.split("_")[1]) for p in checkpoint_dirs(out)]
-    assert killed_at and killed_at[-1] < 40
+    assert killed_at and killed_at[-1] < 6
+    torn_step = int(torn[0].name.split("_")[1].removesuffix(".tmp"))
+    assert list(root.glob("*.tmp")) == torn and torn_step == killed_at[-1] + 1, (torn, killed_at)
+    assert not (root / f"step_{torn_step:06d}").exists()  # killed before the rename
 
     resumed = subprocess.run([sys.executable, "-c", script], env={**env, "VLTRAIN_SAVE_SLEEP": "0"}, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'step_{killed_at[-1]:06d}'}" in resumed.stdout + resumed.stderr
+    assert f"resumed from {root / f'step_{killed_at[-1]:06d}'}" in resumed.stdout + resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 40
+    assert summary["steps"] == 6
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
-    assert [p.name for p in checkpoint_dirs(out)] == ["step_000039", "step_000040"]
-    assert not list((out / "checkpoints").glob("*.tmp")) or True  # a torn .tmp from the kill may remain; harmless
+    assert sorted(p.name for p in root.iterdir()) == ["step_000005", "step_000006"]  # the torn .tmp is gone
