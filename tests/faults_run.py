@@ -12,7 +12,7 @@ train: a tiny torch model trained with vltrain.faults on 2 CPU ranks for `steps`
     Every rank records, per step, the norm, whether it stepped, which weights / optimizer tensors changed
     and whether the scheduler advanced; and the step after which `Preemption.requested` said stop and the
     signal name it learnt. The file is written last, after the process group is torn down.
-    BACKEND ddp | zero2 | zero3: picked through accelerate's environment variables, as tests/dist_backends.py
+    BACKEND ddp | zero2 | zero3 | zero2_bf16 | zero3_bf16: picked through accelerate's environment variables, as tests/dist_backends.py
     does (`accelerate launch --use_deepspeed` does not start on CPU). fp32. Each rank writes OUT_DIR/rank{r}.json.
 reap: runs COMMAND as a child subreaper (Linux prctl): processes orphaned when their parent dies (the
     script under `accelerate launch` once the launcher is killed) are re-parented to this process, so their
@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 GA, MICRO = 2, 2
 
 
-def deepspeed_config(stage: int, out: Path) -> Path:
+def deepspeed_config(stage: int, bf16: bool, out: Path) -> Path:
     config = {
-        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
         "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": 4096, "stage3_param_persistence_threshold": 0},
         "gradient_accumulation_steps": GA, "gradient_clipping": 1.0,
@@ -83,9 +83,10 @@ def changed(before: dict, after: dict) -> list[str]:
 
 def train(backend: str, out: Path, steps: int = 6, signal_step: int = 0, loss_nan_step: int = 0,
           sleep: float = 0.0) -> None:
-    if backend != "ddp":
+    if backend != "ddp":  # zero2, zero3, zero2_bf16, ...
+        stage, bf16 = int(backend[4]), backend.endswith("_bf16")
         os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
-                           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(deepspeed_config(int(backend[-1]), out))})
+                           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(deepspeed_config(stage, bf16, out))})
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
     from accelerate import Accelerator
 
@@ -110,7 +111,7 @@ def train(backend: str, out: Path, steps: int = 6, signal_step: int = 0, loss_na
             for micro in range(GA):
                 if rank == 1 and step == signal_step and micro == 1:
                     os.kill(os.getpid(), signal.SIGTERM)
-                x = torch.randn(MICRO, 8, generator=generator)
+                x = torch.randn(MICRO, 8, generator=generator).to(next(model.parameters()).dtype)
                 with accelerator.accumulate(model):
                     loss = (model(x) - x[:, :4]).pow(2).mean()
                     if rank == 1 and step == loss_nan_step and micro == 0:

@@ -286,11 +286,11 @@ def test_ddp_nan_on_one_rank_skips_on_both_and_a_signal_to_one_rank_stops_both(d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(tmp_path, stage, ddp_run):
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "zero2_bf16", "zero3_bf16"])
+def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(tmp_path, backend, ddp_run):
     pytest.importorskip("deepspeed")
     # step 2: NaN gradients (DeepSpeed's own skip); step 3: a NaN loss with finite gradients on rank 1
-    ranks = _two_ranks(f"zero{stage}", tmp_path, nan="3@1", steps=6, loss_nan_step=3)
+    ranks = _two_ranks(backend, tmp_path, nan="3@1", steps=6, loss_nan_step=3)
     for rank in ranks:
         assert rank["distributed_type"] == "DistributedType.DEEPSPEED" and "stopped_after" not in rank
         assert [s["stepped"] for s in rank["steps"]] == [True, False, False, True, True, True]
@@ -302,10 +302,10 @@ def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(
         assert {k.split(".", 1)[1] for k in good if k.startswith("state")} == {"exp_avg", "exp_avg_sq", "step"}
         assert all(s["scheduler_advanced"] == 1 for s in rank["steps"] if s["stepped"])
     assert ranks[0]["steps"] == ranks[1]["steps"]
-    # same gradients, clipping and schedule as DDP on the applied steps
+    # same gradients, clipping and schedule as DDP (fp32) on the applied steps
     ddp = [s["grad_norm"] for s in ddp_run[0]["steps"]]
     norms = [s["grad_norm"] for s in ranks[0]["steps"]][: len(ddp)]
-    assert [norms[0], norms[3]] == pytest.approx([ddp[0], ddp[3]], rel=1e-5)
+    assert [norms[0], norms[3]] == pytest.approx([ddp[0], ddp[3]], rel=2e-2 if "bf16" in backend else 1e-5)
 
 
 def test_sigterm_to_torchrun_reaches_every_rank_which_checkpoint_step_and_exit_while_the_agent_exits_1(tmp_path):

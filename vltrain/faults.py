@@ -1,5 +1,8 @@
 """Faults every training loop must survive: preemption signals and non-finite steps.
 
+Interface as the lead specified it, unchanged; additions only: `NonFiniteGuard.max_bad_steps`, `NonFiniteError`,
+`NAN_HOOK_ENV`. `optimizer_step(step=...)` is the 1-based number of the step being taken (the logged one).
+
 A loop uses four pieces, the same under single process, DDP, FSDP and DeepSpeed ZeRO-2/3:
 
     with Preemption() as preemption:                  # SIGTERM / SIGINT only set a flag
@@ -48,7 +51,16 @@ always; bf16 unless `bf16.check_grad_overflow` is false, which we refuse), disca
 gradients themselves. A loss that is non-finite on some rank while every gradient is finite would slip
 through that check, so at the accumulation boundary `backward` first agrees across ranks on whether any
 micro-batch loss of the step was non-finite and, if so, back-propagates the last one multiplied by NaN:
-the engine then sees a NaN norm and takes its own skip path.
+the engine then sees a NaN norm and takes its own skip path. Verified on CPU (tests/test_faults.py) for
+ZeRO-2 and ZeRO-3, fp32 and bf16: weights, DeepSpeed's fp32 master partitions and Adam's moments and step
+count are bit-identical across a skipped step. DeepSpeed fp16 also skips by its loss scaler, and every such
+skip counts as a bad step here (a long run of early scale-calibration overflows can hit max_bad_steps).
+Without DeepSpeed under fp16 (GPU only; untested here) a skipped step still calls `scaler.update()` so the
+loss scale shrinks. Cost per optimizer step: one scalar all-reduce in `step_ok`, one in `requested`, and
+under DeepSpeed one more at the boundary backward.
+
+Signals that arrive before the loop enters `Preemption` (model loading, data checks) kill the process as
+usual; nothing is lost then but start-up time.
 
 Test hook (off unless set; read at every backward): VLTRAIN_TEST_NAN_BACKWARD="K[@R],..." multiplies the
 loss of the K-th `backward` call of this process (1-based, counting micro-batches) by NaN, on rank R only
@@ -173,12 +185,17 @@ class NonFiniteGuard:
                 f"or raise train.max_bad_steps")
 
 
+def _as_float(value) -> float:
+    """A norm or loss as a Python float (a DTensor norm under FSDP2 is gathered first)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value.detach().float().sum()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def _finite(value) -> bool:
     if value is None:
-        return True  # not measured (DeepSpeed with compute_grad_norm off): the loss decides alone
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    return math.isfinite(float(value))
+        return True  # not measured (DeepSpeed with compute_grad_norm off is refused): the loss decides alone
+    return math.isfinite(_as_float(value))
 
 
 def _deepspeed_engine(accelerator):
@@ -280,4 +297,4 @@ def optimizer_step(accelerator, model, optimizer, scheduler, *, max_grad_norm: f
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     guard.record(step, ok, sample_ids)
-    return (float(grad_norm) if grad_norm is not None else float("nan")), stepped
+    return (_as_float(grad_norm) if grad_norm is not None else float("nan")), stepped
