@@ -249,9 +249,9 @@ def micro_batches(path, examples, model, args, budget=None):
         sampler = TokenBudgetBatchSampler(lengths, budget, shuffle=False)
         collate = PackCollator(model.config)
         batches = [collate([examples[i] for i in idx]) for idx in sampler]
-    for b in batches:
-        b.pop("num_skipped", None)
-    return batches
+    from vltrain.progress import model_inputs
+
+    return [model_inputs(b) for b in batches]  # tensors the model takes (batches also carry ids, skip records)
 
 
 def prepare_model(model, path, mode, gc_every, compile_layers=""):

@@ -14,6 +14,7 @@ from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
 from vltrain.lora import apply_lora, load_adapter_strict, merge_adapter
+from vltrain.progress import model_inputs
 from vltrain.trainable import configure_trainable
 from vltrain.tiny import build_tiny
 
@@ -65,7 +66,7 @@ def _train_steps(model, processor, data, num_steps=2):
     ds = SFTDataset(str(data), processor, MediaOptions(image_factor=spec.image_factor, image_max_pixels=64 * 64 * 2),
                     max_seq_length=512, image_folder=str(Path(data).parent))
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=PadCollator(processor.tokenizer.pad_token_id))))
-    batch.pop("num_skipped", None)
+    batch = model_inputs(batch)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(num_steps):
         model(**batch).loss.backward()

@@ -18,6 +18,7 @@ from vltrain.checkpoint import export_model
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
 from vltrain.families import family_spec
+from vltrain.progress import model_inputs
 from vltrain.tiny import build_tiny
 
 from conftest import FAMILIES, REPO, mixed_records, sft_config
@@ -93,7 +94,7 @@ def test_sft_loss_is_a_global_token_mean(media_dir, mixed_data):
     token_losses = []
     for i in range(3):
         b = collate([ds[i]])
-        logits = model(**{k: v for k, v in b.items() if k not in ("labels", "num_skipped")}).logits
+        logits = model(**model_inputs(b, labels=False)).logits
         labels = b["labels"][:, 1:]
         lp = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")
         token_losses.append(lp[labels.flatten() != -100])
@@ -107,7 +108,7 @@ def test_text_only_batch_runs_the_vision_tower(model_type, media_dir, mixed_data
     ds = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
     batch = PadCollator(processor.tokenizer.pad_token_id)([ds[0]])  # the text-only sample
     assert "pixel_values" not in batch
-    plain = model(**{k: v for k, v in batch.items() if k != "num_skipped"}).loss
+    plain = model(**model_inputs(batch)).loss
     loss = sft_loss(model, batch, count_label_tokens(batch))
     torch.testing.assert_close(loss, plain)  # same value ...
     loss.backward()

@@ -70,8 +70,10 @@ when "@R" is given (RANK from the launcher). It exists so the end-to-end tests c
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -136,15 +138,34 @@ class Preemption:
         return bool(signum)
 
 
+def _main_process_exiting() -> None:
+    _EXITING.set()
+
+
+# Set by the main process when its interpreter exits (atexit runs last-registered first, so this runs before
+# multiprocessing's own exit function, which SIGTERMs and then joins daemonic children such as loader
+# workers). Forked workers inherit the event; with the spawn start method they get a fresh, never-set one.
+_EXITING = multiprocessing.Event()
+atexit.register(_main_process_exiting)
+
+
+def _worker_signal(signum, frame) -> None:
+    if _EXITING.is_set():  # the main process is exiting and terminates its workers: go
+        os._exit(0)
+
+
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader(worker_init_fn=...): workers ignore SIGTERM/SIGINT.
+    """DataLoader(worker_init_fn=...): workers ignore SIGTERM/SIGINT from a scheduler or a launcher.
 
     torchrun's agent signals each rank's whole process group and a scheduler may signal every process;
     a worker killed mid-epoch makes the main process raise "DataLoader worker ... killed by signal" before
     it reaches the step boundary. Ignoring it is safe: the main process shuts its workers down, and a
-    worker whose parent died exits on its own (DataLoader's watchdog)."""
+    worker whose parent died exits on its own (DataLoader's watchdog). The one SIGTERM a worker obeys is
+    the one its main process sends while exiting (multiprocessing terminates daemonic children at
+    interpreter exit, e.g. when a loader's iterator is still alive in a script's globals): ignoring that one
+    would leave the main process waiting for the worker forever."""
     for sig in HANDLED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _worker_signal)
 
 
 class NonFiniteError(RuntimeError):
