@@ -173,9 +173,10 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                     bar.write(format_step(state.step, num_steps, metrics) + ("" if stepped else " | skipped (non-finite)"))
             bar.update(1)
 
-            if eval_loader is not None and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < num_steps:
+            stop = preemption.requested(accelerator)  # collective, before eval: a preempted run saves at once
+            if (not stop and eval_loader is not None and tcfg.eval_every and state.step % tcfg.eval_every == 0
+                    and state.step < num_steps):
                 result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
-            stop = preemption.requested(accelerator)
             if stop or (tcfg.save_every and (state.step % tcfg.save_every == 0 or state.step == num_steps)):
                 state.num_skipped = skipped_before + _all_ranks(accelerator, skips.count)
                 save_checkpoint(accelerator, tcfg.output_dir, state.step, scheduler, state.to_dict(), tcfg.save_total_limit)
