@@ -84,6 +84,16 @@ def mixed_data(media_dir) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads cost more than they give (on a shared 2-core machine two threads spin
+    against other processes and run 10-50x slower, measured). Restored after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Accelerator state is a process-wide singleton; each test builds its own."""

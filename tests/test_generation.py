@@ -28,14 +28,7 @@ MIN_MARGIN = 1e-4  # padded vs unpadded fp32 forwards differ by ~1e-6 in the log
 NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models decode one token at a time: on a shared 2-core machine two intra-op threads spin
-    against other processes and run 10-50x slower than one (measured); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,13 +44,7 @@ from conftest import FAMILIES, REPO
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: threads cost more than they give, and the CPU is shared. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @functools.lru_cache(maxsize=None)
