@@ -14,13 +14,14 @@ from conftest import REPO
 def test_demo_reaches_90_percent_held_out_accuracy(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/sft.py",
-           f"train.output_dir={tmp_path / 'demo'}"]
+           "demo", f"train.output_dir={tmp_path / 'demo'}"]  # overrides need their base named: the demo
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["exact_match"] >= 0.90, summary
-    assert summary["num_skipped"] == 0
+    assert summary["num_skipped"] == 0 and summary["num_bad_steps"] == 0
+    assert f"model: {tmp_path / 'demo' / 'final'}" in proc.stdout  # the run ends by saying where its outputs are
     assert "held-out exact-match accuracy" in proc.stdout
     # balanced questions: a model that ignored the pixels could not get here
     records = [json.loads(line) for line in (tmp_path / "demo" / "exact_match.jsonl").read_text().splitlines()]
