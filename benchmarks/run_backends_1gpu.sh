@@ -13,9 +13,9 @@ COMMON="data.train_path=$DATA/train.json data.eval_path=$DATA/eval.json data.ima
 for cfg in single_gpu ddp fsdp2 zero2 zero3 zero3_offload; do
   run="${RUNS:-/tmp/vltrain_backends}/$cfg"; mkdir -p "$run"
   echo "== $cfg"
-  timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py \
+  timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py demo \
       $COMMON train.output_dir=$run train.max_steps=40 > "$OUT/$cfg.log" 2>&1 || { echo "FAILED (see $cfg.log)"; tail -5 "$OUT/$cfg.log"; continue; }
-  timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py \
+  timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py demo \
       $COMMON train.output_dir=$run train.max_steps=50 train.resume=auto > "$OUT/$cfg.resume.log" 2>&1 || { echo "RESUME FAILED"; tail -5 "$OUT/$cfg.resume.log"; continue; }
   grep -h "resumed from" "$OUT/$cfg.resume.log"
   python - "$run" "$DATA" <<'PY'
