@@ -52,6 +52,8 @@ def lora_cfg(tmp_path, model_type, data, **overrides):
         "trainable.freeze_llm": True, "trainable.freeze_vision_tower": True, "trainable.freeze_merger": True,
     }
     base.update(overrides)
+    if str(base["lora.enabled"]).lower() == "false":  # a full fine-tune: no adapter options (they would be orphans)
+        base = {k: v for k, v in base.items() if not k.startswith("lora.") or k == "lora.enabled" or k in overrides}
     return load_config(SFTConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
