@@ -391,14 +391,9 @@ def test_recipe_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_lik
     from recipes.sft import main
     from vltrain.config import SFTConfig, load_config
 
-    steps = 30
+    steps = 12
     out = tmp_path / "preempted"
     proc = _launch(_overrides(recipe_data, out, **{"train.max_steps": steps}), tmp_path / "reap.json")
-    # meanwhile (the launch spends most of its time importing): the straight run, in this process
-    straight = main(load_config(SFTConfig, None, [f"{k}={v}" for k, v in _overrides(
-        recipe_data, tmp_path / "straight", **{"train.max_steps": steps}).items()]))
-    assert len(straight["losses"]) == steps
-
     deadline, lines = time.monotonic() + 150, []
     for line in proc.stdout:  # SIGTERM to every process of the job once 3 steps have been logged
         lines.append(line)
@@ -408,6 +403,10 @@ def test_recipe_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_lik
         assert time.monotonic() < deadline, "".join(lines)[-3000:]
     else:
         pytest.fail("the run ended before step 3 was logged:\n" + "".join(lines)[-3000:])
+    # while it finishes its step and saves: the straight run, in this process
+    straight = main(load_config(SFTConfig, None, [f"{k}={v}" for k, v in _overrides(
+        recipe_data, tmp_path / "straight", **{"train.max_steps": steps}).items()]))
+    assert len(straight["losses"]) == steps
     output = "".join(lines) + _finish(proc, 90)
 
     statuses = _statuses(tmp_path / "reap.json")
