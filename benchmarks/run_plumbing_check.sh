@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+python -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -2
 python -c "import torch, transformers, liger_kernel; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env.txt" 2>&1
 timeout 300 python -m pytest -q -m gpu tests/ -p no:cacheprovider -rs 2>&1 | tail -30 > "$OUT/pytest_gpu.log"; tail -12 "$OUT/pytest_gpu.log"
