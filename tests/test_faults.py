@@ -286,7 +286,8 @@ def test_ddp_nan_on_one_rank_skips_on_both_and_a_signal_to_one_rank_stops_both(d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero2", "zero3", "zero2_bf16", "zero3_bf16"])
+# Both stages and both dtypes with two runs (the CPU budget); "zero3" and "zero2_bf16" pass too (faults_run.py).
+@pytest.mark.parametrize("backend", ["zero2", "zero3_bf16"])
 def test_deepspeed_nan_on_one_rank_leaves_weights_and_optimizer_state_unchanged(tmp_path, backend, ddp_run):
     pytest.importorskip("deepspeed")
     # step 2: NaN gradients (DeepSpeed's own skip); step 3: a NaN loss with finite gradients on rank 1
