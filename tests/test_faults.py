@@ -102,6 +102,18 @@ def test_worker_init_fn_keeps_dataloader_workers_alive_through_sigterm():
         list(without)
 
 
+def test_a_script_exiting_with_a_live_loader_iterator_is_not_held_up_by_its_workers():
+    """At interpreter exit multiprocessing SIGTERMs daemonic workers and joins them: that one they obey."""
+    script = (
+        "import torch\nfrom vltrain.faults import worker_init_fn\n"
+        "loader = torch.utils.data.DataLoader(list(range(8)), num_workers=2, persistent_workers=True,"
+        " worker_init_fn=worker_init_fn)\n"
+        "it = iter(loader)\nprint(next(it).tolist(), flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[0]", proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- NonFiniteGuard
 
 
