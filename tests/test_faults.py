@@ -132,6 +132,31 @@ def test_guard_counts_bad_steps_resets_on_a_good_one_and_raises_after_max_in_a_r
         NonFiniteGuard(0)
 
 
+def test_guard_resumes_its_total():
+    guard = NonFiniteGuard(max_bad_steps=2, num_bad_steps=4)
+    guard.record(9, False, [])
+    assert guard.num_bad_steps == 5
+
+
+def test_deepspeed_settings_that_would_apply_a_nan_step_are_refused(monkeypatch):
+    """Checked on a stand-in engine: the real ones run in the 2-rank DeepSpeed tests below."""
+    import types
+
+    import vltrain.faults as faults
+
+    def engine(bf16=True, check=True, zero=True, norm=True):
+        return types.SimpleNamespace(
+            bfloat16_enabled=lambda: bf16, zero_optimization=lambda: zero, zero_compute_grad_norm=lambda: norm,
+            _config=types.SimpleNamespace(bfloat16_config=types.SimpleNamespace(check_grad_overflow=check)))
+
+    monkeypatch.setattr(faults, "_STATE", faults._BackwardState())
+    for kwargs, field in (({"check": False}, "bf16.check_grad_overflow"), ({"zero": False}, "stage 0"),
+                          ({"norm": False}, "zero_optimization.compute_grad_norm")):
+        accelerator = types.SimpleNamespace(deepspeed_engine_wrapped=types.SimpleNamespace(engine=engine(**kwargs)))
+        with pytest.raises(ValueError, match=field):
+            backward(accelerator, None, torch.tensor(1.0))
+
+
 def test_guard_step_ok_needs_finite_loss_and_norm():
     accelerator, guard = Accelerator(cpu=True), NonFiniteGuard(1)
     finite = torch.tensor(1.5)

@@ -1,7 +1,7 @@
 """Faults every training loop must survive: preemption signals and non-finite steps.
 
-Interface as the lead specified it, unchanged; additions only: `NonFiniteGuard.max_bad_steps`, `NonFiniteError`,
-`NAN_HOOK_ENV`. `optimizer_step(step=...)` is the 1-based number of the step being taken (the logged one).
+Interface as the lead specified it, unchanged; additions only: `NonFiniteGuard(max_bad_steps, num_bad_steps=0)`
+(a resumed run passes its total so far), `NonFiniteGuard.max_bad_steps`, `NonFiniteError`, `NAN_HOOK_ENV`. `optimizer_step(step=...)` is the 1-based number of the step being taken (the logged one).
 
 A loop uses four pieces, the same under single process, DDP, FSDP and DeepSpeed ZeRO-2/3:
 
@@ -175,11 +175,12 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Decides (collectively) whether a step is finite and counts skipped steps."""
 
-    def __init__(self, max_bad_steps: int):
+    def __init__(self, max_bad_steps: int, num_bad_steps: int = 0):
+        """num_bad_steps: the total so far (a resumed run passes its checkpoint's count)."""
         if max_bad_steps < 1:
             raise ValueError(f"train.max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
-        self.num_bad_steps = 0
+        self.num_bad_steps = num_bad_steps
         self._bad_run: list[int] = []
 
     def step_ok(self, accelerator, loss: torch.Tensor, grad_norm) -> bool:
