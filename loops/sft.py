@@ -126,6 +126,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
 
     result = TrainResult(step=state.step, model=model)
     skipped_before = state.num_skipped  # all ranks, up to the checkpoint resumed from (the ledger starts empty)
+    bad_before = state.num_bad_steps
     guard = NonFiniteGuard(tcfg.max_bad_steps)
     batches = resumable_batches(accelerator, train_loader, state.epoch, state.next_batch)
     bar = tqdm(total=num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
@@ -157,7 +158,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                                                 max_grad_norm=optim_cfg.max_grad_norm, loss=step_loss, guard=guard,
                                                 step=state.step + 1, sample_ids=sample_ids)
             state.step += 1
-            state.num_bad_steps = guard.num_bad_steps
+            state.num_bad_steps = bad_before + guard.num_bad_steps
             step_loss = accelerator.reduce(step_loss, "sum").item()
             state.losses.append(step_loss)
             result.losses.append(step_loss)
@@ -196,5 +197,5 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                       "records": gather_object(records) if world > 1 else records}
     if result.num_skipped:
         print0(f"skipped {result.num_skipped} sample(s) that could not be used (see warnings above)")
-    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), guard.num_bad_steps
+    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
     return result
