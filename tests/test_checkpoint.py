@@ -160,7 +160,8 @@ def test_sigkill_mid_save_then_resume_ignores_the_torn_tmp_and_replaces_it(tmp_p
     while not torn and time.time() < deadline and proc.poll() is None:
         torn = list(root.glob("*.tmp")) if checkpoint_dirs(out) else []
         time.sleep(0.01)
-    assert torn, f"no save after a complete one: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    child_err = proc.stderr.read().decode()[-2000:] if not torn and proc.poll() is not None else ""
+    assert torn, f"no save after a complete one: {child_err}"
     time.sleep(rng.uniform(0.0, save_sleep / 2))  # somewhere between the .tmp's mkdir and its rename
     proc.send_signal(signal.SIGKILL)
     proc.wait()
