@@ -47,6 +47,12 @@ BACKEND_ENV = {
 def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
     os.environ.update(BACKEND_ENV[backend])
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    if backend.startswith("zero"):
+        import deepspeed.ops
+
+        # DeepSpeed JIT-builds its shared-memory comm op (~1-2 min on 2 cores, both ranks racing) for
+        # inference_all_reduce only; ZeRO training never uses it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     import loops.sft as loop
     from vltrain.vision import batch_has_media
@@ -100,21 +106,20 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
 
     def train_and_capture(accelerator, model, train_loader, *args, **kwargs):
         ctx["accelerator"] = accelerator
-        real_clip = accelerator.clip_grad_norm_
-
-        def clip_recording(*a, **k):
-            norm = real_clip(*a, **k)
-            captured["grad_norms"].append(float(norm) if norm is not None else None)
-            return norm
-
-        accelerator.clip_grad_norm_ = clip_recording
         result = real_train(accelerator, model, train_loader, *args, **kwargs)
         ctx["done"] = True
         measure(accelerator, train_loader)  # the caller ends the process group, after this
         captured.update(losses=result.losses, step=result.step)
         return result
 
+    def optimizer_step_recording(*a, **k):  # the norm each step measured (DeepSpeed: the engine's, read back)
+        grad_norm, stepped = real_optimizer_step(*a, **k)
+        captured["grad_norms"].append(float(grad_norm) if grad_norm is not None else None)
+        return grad_norm, stepped
+
     real_build_loader, real_sft_loss, real_train = recipe.build_loader, loop.sft_loss, recipe.train
+    real_optimizer_step = loop.optimizer_step
+    loop.optimizer_step = optimizer_step_recording
     real_build_scheduler = loop.build_scheduler
     recipe.build_loader, recipe.train = build_loader_unshuffled, train_and_capture
     loop.sft_loss, loop.build_scheduler = sft_loss_recording, build_scheduler_after_prepare

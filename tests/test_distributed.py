@@ -168,7 +168,6 @@ def test_zero3_matches_ddp_saves_resumes_and_exports(datasets, zero3_media, ddp_
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_zero3_mixed_modality_text_rank_and_media_rank(datasets, ddp_mixed):
     """ZeRO-3 checks on the first step that every rank ran the same module sequence: the text-only rank
     gets dummy media appended (vltrain.vision.complete_modalities), so it runs the same image and video

@@ -7,7 +7,9 @@ A checkpoint is `output_dir/checkpoints/step_XXXXXX/`:
   scheduler_vltrain.pt    the LR schedule
   trainer_state.json      step, epoch, next_batch (the data position)
   COMPLETE                written last
-It is written under `step_XXXXXX.tmp` and renamed by the main process before the marker is written:
+It is written under `step_XXXXXX.tmp` and renamed by the main process before the marker is written
+(a save first removes `.tmp` / `.del` folders torn by an earlier kill; old checkpoints are renamed to
+`.del` before they are deleted):
 `latest_checkpoint` / `resume: auto` only ever see folders with the marker, so a process killed
 mid-save leaves a torn folder that is ignored. Only the newest `keep_last` complete ones are kept.
 The model state is gathered once per save (`accelerator.get_state_dict` inside `save_state`).
@@ -88,7 +90,8 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
     tmp = root / f"step_{step:06d}.tmp"
     _register_hooks(accelerator)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in list(root.glob("step_*.tmp")) + list(root.glob("step_*.del")) if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # torn by an earlier kill: never complete, never resumed from
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     # DeepSpeed writes its own engine checkpoint; leave frozen (base) weights out of it too.
@@ -104,7 +107,11 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
         tmp.rename(final)
         (final / COMPLETE).write_text("ok\n")
         for old in checkpoint_dirs(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first: a kill during the rmtree leaves a `.del` folder (swept at the next save), never a
+            # `step_N` folder without its COMPLETE marker
+            doomed = old.with_name(old.name + ".del")
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
