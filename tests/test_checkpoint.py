@@ -180,3 +180,37 @@ def test_sigkill_mid_save_then_resume_ignores_the_torn_tmp_and_replaces_it(tmp_p
     assert summary["steps"] == 6
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["step_000005", "step_000006"]  # the torn .tmp is gone
+
+
+def test_save_sweeps_torn_folders_and_deletes_old_checkpoints_via_a_rename(tmp_path):
+    """Folders torn by an earlier kill (a `.tmp` of a step never reached again, a `.del` left mid-deletion)
+    are removed by the next save; pruning renames a checkpoint before deleting it, so no `step_N` folder is
+    ever left without its COMPLETE marker."""
+    from accelerate import Accelerator
+
+    from vltrain.checkpoint import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+    for torn in ("step_000009.tmp", "step_000001.del"):
+        (root / torn).mkdir(parents=True)
+    renamed = []
+    real_rename = Path.rename
+
+    def spy(self, target):
+        renamed.append((self.name, Path(target).name))
+        return real_rename(self, target)
+
+    Path.rename = spy
+    try:
+        for step in (2, 3):
+            save_checkpoint(accelerator, tmp_path, step, scheduler, {"epoch": 0, "next_batch": step}, keep_last=1)
+    finally:
+        Path.rename = real_rename
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003"]
+    assert ("step_000002", "step_000002.del") in renamed  # pruned through a rename, then deleted
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000003"]
