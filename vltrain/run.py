@@ -55,8 +55,9 @@ def finish_run(accelerator, cfg, summary: dict) -> dict:
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         where = summary.get("export_dir") or "no export (stopped early)"
-        print0(f"done: {summary.get('steps')} steps; model: {where}; summary: {output_dir / 'summary.json'}; "
-               f"checkpoints: {output_dir / 'checkpoints'}")
+        checkpoints = output_dir / "checkpoints"
+        print0(f"done: {summary.get('steps')} steps; model: {where}; summary: {output_dir / 'summary.json'}"
+               + (f"; checkpoints: {checkpoints}" if checkpoints.is_dir() else ""))
     accelerator.end_training()
     return summary
 
