@@ -10,7 +10,7 @@ DATA="${DATA:-/tmp/vltrain_backends_data}"
 python -c "from vltrain.synthetic import write_shapes_dataset; write_shapes_dataset('$DATA')"
 COMMON="data.train_path=$DATA/train.json data.eval_path=$DATA/eval.json data.image_folder=$DATA/images \
   train.eval_exact_match=0 train.report_to=none train.save_every=20 train.log_every=10 train.eval_every=0"
-for cfg in single_gpu ddp fsdp2 zero2 zero3 zero3_offload; do
+for cfg in ${CONFIGS:-single_gpu ddp fsdp2 zero2 zero3 zero3_offload}; do
   run="${RUNS:-/tmp/vltrain_backends}/$cfg"; mkdir -p "$run"
   echo "== $cfg"
   timeout 200 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes 1 recipes/sft.py demo \

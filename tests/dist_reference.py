@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/dist_reference.py BACKEND MODEL_DIR DATA.json OUT_DIR
 
-BACKEND is ddp | zero2 | zero3 (selected through accelerate's environment variables, as tests/dist_backends.py
+BACKEND is ddp | zero2 | zero3 | fsdp2 (fsdp2 needs CUDA: accelerate runs it as DDP on CPU) (selected through accelerate's environment variables, as tests/dist_backends.py
 does). Each rank: builds the policy, copies the reference before `accelerator.prepare`, prepares both, trains
 the policy 2 steps on its own sample, and writes OUT_DIR/rank{r}.json: whether the reference matched the
 starting policy, stayed unchanged while the policy moved, and whether its weights are partitioned.
@@ -74,8 +74,10 @@ def run(backend: str, model_dir: str, data: str, out: str) -> None:
         "ref_changed": float((ref_after - ref_start).abs().max()),
         "policy_moved": moved,
         "ref_trainable": sum(p.requires_grad for p in frozen_params),
-        # ZeRO-3 manages every parameter (tiny ones stay resident: below the persistence threshold)
-        "ref_partitioned": all(hasattr(p, "ds_id") for p in frozen_params),
+        # ZeRO-3 manages every parameter (tiny ones stay resident: below the persistence threshold); FSDP2
+        # turns every parameter into a sharded DTensor
+        "ref_partitioned": all(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or
+                               type(getattr(p, "data", None)).__name__ == "DTensor" for p in frozen_params),
         "ref_wrapper": type(reference.module).__name__,
         "models_registered": len(accelerator._models),
     }

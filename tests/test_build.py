@@ -119,11 +119,12 @@ def test_build_accelerator_uses_the_accumulation_of_the_config(tmp_path, mixed_d
     assert build_accelerator(cfg.train).gradient_accumulation_steps == 3
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
-def test_frozen_reference_on_two_processes(backend, tmp_path, mixed_data):
-    """Copied before prepare, placed like the policy (ZeRO-3: partitioned), never registered for checkpoints:
-    it equals the starting policy on every rank and stays put while the policy trains."""
-    if backend != "ddp":
+@pytest.mark.parametrize("backend, nproc", [
+    ("ddp", 2), ("zero3", 2), pytest.param("fsdp2", 1, marks=pytest.mark.gpu)])
+def test_frozen_reference_is_placed_like_the_policy(backend, nproc, tmp_path, mixed_data):
+    """Copied before prepare, placed like the policy (ZeRO-3 / FSDP2: sharded), never registered for
+    checkpoints: it equals the starting policy on every rank and stays put while the policy trains."""
+    if backend.startswith("zero"):
         pytest.importorskip("deepspeed")
     torch.manual_seed(0)
     model, processor = build_tiny("qwen2_5_vl")
@@ -131,15 +132,17 @@ def test_frozen_reference_on_two_processes(backend, tmp_path, mixed_data):
     processor.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "ref"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "tests" / "dist_reference.py"), backend, str(tmp_path / "tiny"), str(mixed_data), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), str(REPO / "tests" / "dist_reference.py"), backend, str(tmp_path / "tiny"),
+           str(mixed_data), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    for rank in range(2):
+    for rank in range(nproc):
         record = json.loads((out / f"rank{rank}.json").read_text())
-        assert record["world"] == 2
+        assert record["world"] == nproc
         assert record["ref_matches_start"] < 1e-5 and record["ref_changed"] == 0.0
         assert record["policy_moved"] > 1e-3
         assert record["ref_trainable"] == 0 and record["models_registered"] == 1
-        assert record["ref_partitioned"] == (backend == "zero3")
-        assert record["ref_wrapper"] == ("DeepSpeedEngine" if backend == "zero3" else "Qwen2_5_VLForConditionalGeneration")
+        assert record["ref_partitioned"] == (backend in ("zero3", "fsdp2"))
+        wrapper = {"zero3": "DeepSpeedEngine", "fsdp2": "FSDPQwen2_5_VLForConditionalGeneration"}
+        assert record["ref_wrapper"] == wrapper.get(backend, "Qwen2_5_VLForConditionalGeneration")
