@@ -5,7 +5,7 @@
 #   bash benchmarks/run_plumbing_check.sh        (wheels carried in .whl/: transformers 5.24, liger 0.8.5, ...)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH="$PWD"  # recipes import loops/, vltrain/
 python -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -2
 if [ -z "${1:-}" ]; then
 python -c "import torch, transformers, liger_kernel; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
@@ -20,5 +20,5 @@ fi
 if [ "${1:-}" = "backends" ]; then
     DS_BUILD_OPS=0 python -m pip install --no-deps --no-build-isolation -q .whl_ds/* 2>&1 | grep -v WARNING | tail -2
     CONFIGS="single_gpu fsdp2 zero2 zero3" OUT="$OUT/backends" bash benchmarks/run_backends_1gpu.sh 2>&1 | tail -20
-    timeout 200 python -m pytest -q -m gpu tests/test_build.py -p no:cacheprovider 2>&1 | tail -4
+    timeout 200 python -m pytest -q -m gpu tests/test_build.py -p no:cacheprovider 2>&1 | grep -E "Error|error|passed|failed" | tail -15
 fi
