@@ -47,6 +47,11 @@ def run(backend: str, model_dir: str, data: str, out: str) -> None:
     loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(built.model, optimizer, loader)
     reference.prepare(accelerator, model)
+    # before any forward (FSDP2 keeps some modules unsharded after one): ZeRO-3 manages every parameter (tiny
+    # ones stay resident, below the persistence threshold); FSDP2 makes every parameter a sharded DTensor
+    from torch.distributed.tensor import DTensor
+
+    partitioned = all(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in reference.module.parameters())
     rank = accelerator.process_index
     batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in collate([dataset[1 + rank]]).items()}
 
@@ -74,10 +79,7 @@ def run(backend: str, model_dir: str, data: str, out: str) -> None:
         "ref_changed": float((ref_after - ref_start).abs().max()),
         "policy_moved": moved,
         "ref_trainable": sum(p.requires_grad for p in frozen_params),
-        # ZeRO-3 manages every parameter (tiny ones stay resident: below the persistence threshold); FSDP2
-        # turns every parameter into a sharded DTensor
-        "ref_partitioned": all(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or
-                               type(getattr(p, "data", None)).__name__ == "DTensor" for p in frozen_params),
+        "ref_partitioned": partitioned,
         "ref_wrapper": type(reference.module).__name__,
         "models_registered": len(accelerator._models),
     }
