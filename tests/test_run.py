@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, sft_config
 
@@ -69,3 +70,21 @@ def test_a_finished_run_rerun_with_resume_auto_finishes_cleanly(tmp_path, mixed_
     assert again["steps"] == 4 and again["losses"] == first["losses"] and len(again["losses"]) == 4
     assert (out / "final" / "model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["final_loss"] == first["final_loss"]
+
+
+def test_an_error_raised_in_a_loader_worker_is_reported_by_its_own_message():
+    from torch.utils.data import DataLoader
+
+    from vltrain.run import one_line
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError("train.json: sample 1 (id='x') assistant turn 0: <think> not closed")
+
+    with pytest.raises(ValueError) as info:
+        next(iter(DataLoader(Bad(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what torch hands the main process
+    assert one_line(info.value) == "train.json: sample 1 (id='x') assistant turn 0: <think> not closed"

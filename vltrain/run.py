@@ -90,8 +90,17 @@ def run_recipe(setup, main, argv: list[str] | None = None) -> None:
     try:
         main(config)
     except (DataFormatError, TooManySkips) as e:  # a malformed record or data file, or too many unusable samples
-        sys.exit(f"data error: {e}")
+        sys.exit(f"data error: {one_line(e)}")
     except NonFiniteError as e:
-        sys.exit(f"stopped: {e}")
+        sys.exit(f"stopped: {one_line(e)}")
     except ValueError as e:  # a user mistake found while building (model path, options the model contradicts)
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's own message: raised in a DataLoader worker, torch re-raises it with the worker's whole
+    traceback in the message, whose last line is the original `Type: message`."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
