@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from loops.sft import train
 from vltrain.build import build_model
@@ -35,9 +35,6 @@ def setup(argv: list[str]) -> SFTConfig:
 
 def main(cfg: SFTConfig) -> dict:
     accelerator = build_accelerator(cfg.train)
-    if cfg.train.eval_exact_match and parameters_sharded(accelerator):
-        raise ValueError("train.eval_exact_match generates on one process, which cannot work under ZeRO-3/FSDP "
-                         "sharding: set it to 0 and evaluate the export in final/ instead")
     if "compile_layers" in cfg.model.kernels and parameters_sharded(accelerator):
         raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
                          "drop it from model.kernels")
@@ -74,15 +71,20 @@ def main(cfg: SFTConfig) -> dict:
                "num_bad_steps": result.num_bad_steps, "eval_losses": result.eval_losses,
                "preempted": result.preempted, "export_dir": str(export_dir) if export_dir else None}
 
-    if cfg.train.eval_exact_match and "eval" in records and result.preempted is None and accelerator.is_main_process:
+    if cfg.train.eval_exact_match and "eval" in records and result.preempted is None:
         from vltrain.evaluate import exact_match_accuracy
 
+        # every rank answers its share (sharded weights: generate keeps the ranks' forwards in step)
         conversations = records["eval"][: cfg.train.eval_exact_match]
-        accuracy, scored = exact_match_accuracy(accelerator.unwrap_model(result.model), built.processor, conversations,
-                                                media, image_folder=data.image_folder, system_prompt=data.system_prompt)
-        summary["exact_match"] = accuracy
-        (Path(cfg.train.output_dir) / "exact_match.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
-        print0(f"held-out exact-match accuracy: {accuracy:.1%} on {len(conversations)} samples")
+        mine = conversations[accelerator.process_index:: accelerator.num_processes]
+        _, scored = exact_match_accuracy(accelerator.unwrap_model(result.model), built.processor, mine, media,
+                                         image_folder=data.image_folder, system_prompt=data.system_prompt,
+                                         show_progress=accelerator.is_main_process)
+        scored = gather_object(scored) if accelerator.num_processes > 1 else scored
+        summary["exact_match"] = sum(r["correct"] for r in scored) / max(1, len(scored))
+        if accelerator.is_main_process:
+            (Path(cfg.train.output_dir) / "exact_match.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+        print0(f"held-out exact-match accuracy: {summary['exact_match']:.1%} on {len(scored)} samples")
     return finish_run(accelerator, cfg, summary)
 
 

@@ -176,3 +176,17 @@ def test_zero3_mixed_modality_text_rank_and_media_rank(datasets, ddp_mixed):
     assert r0["has_media"] == [False] * (2 * STEPS) and r1["has_media"] == [True] * (2 * STEPS)
     assert r0["losses"] == r1["losses"]
     assert _close(r0["losses"], ddp_mixed[0]["losses"]) and _close(r0["grad_norms"], ddp_mixed[0]["grad_norms"])
+
+
+def test_zero3_exact_match_eval_generates_on_every_rank(datasets):
+    """train.eval_exact_match under ZeRO-3: each rank answers its share of the held-out prompts (3 prompts: 2 on
+    rank 0, 1 on rank 1, so the ranks generate different numbers of batches) with synced forwards; the records of
+    both ranks are gathered into one file."""
+    out = datasets / "zero3_exact_match"
+    run_ok("zero3", datasets / "media.json", out, "train.max_steps=1", f"data.eval_path={datasets / 'media.json'}",
+           "train.eval_exact_match=3")
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "exact_match.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and 0.0 <= summary["exact_match"] <= 1.0
+    assert summary["exact_match"] == sum(r["correct"] for r in records) / 3
+    assert all(r["reply"] is not None and r["finish_reason"] in ("stop", "length") for r in records)
