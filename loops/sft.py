@@ -63,6 +63,7 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     num_skipped: int = 0  # samples skipped by the data layer, all ranks
     skipped: dict = field(default_factory=dict)  # the skip ledger's summary (ids and reasons)
+    truncated: dict = field(default_factory=dict)  # samples cut to data.max_seq_length: count and the first records
     num_bad_steps: int = 0  # optimizer steps skipped for non-finite values
     preempted: str | None = None  # the signal's name when a signal stopped the run
     model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
@@ -128,6 +129,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
     skipped_before = state.num_skipped  # all ranks, up to the checkpoint resumed from (the ledger starts empty)
     bad_before = state.num_bad_steps
     guard = NonFiniteGuard(tcfg.max_bad_steps)
+    truncations: list[dict] = []  # this run's, this rank's, one per encode (an epoch counts again); each was warned
     batches = resumable_batches(accelerator, train_loader, state.epoch, state.next_batch)
     bar = tqdm(total=num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
                dynamic_ncols=True)
@@ -145,6 +147,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
             real_tokens, sample_ids = 0, []
             for mb in micro_batches:
                 skips.add(mb.pop("skipped", []))
+                truncations += mb.pop("truncated", [])
                 sample_ids += mb.get("id", [])
                 real_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
                 with accelerator.accumulate(model):
@@ -197,5 +200,9 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                       "records": gather_object(records) if world > 1 else records}
     if result.num_skipped:
         print0(f"skipped {result.num_skipped} sample(s) that could not be used (see warnings above)")
+    result.truncated = {"num_truncated": _all_ranks(accelerator, len(truncations)),
+                        "records": (gather_object(truncations[:100]) if world > 1 else truncations[:100])[:100]}
+    if result.truncated["num_truncated"]:
+        print0(f"truncated {result.truncated['num_truncated']} sample(s) to data.max_seq_length (see warnings above)")
     result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
     return result

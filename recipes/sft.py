@@ -68,6 +68,7 @@ def main(cfg: SFTConfig) -> dict:
         export_dir = export_model(accelerator, result.model, built.processor, cfg, Path(cfg.train.output_dir) / "final")
     summary = {"losses": result.history, "final_loss": result.history[-1] if result.history else None,
                "steps": result.step, "num_skipped": result.num_skipped, "skipped": result.skipped,
+               "truncated": result.truncated,
                "num_bad_steps": result.num_bad_steps, "eval_losses": result.eval_losses,
                "preempted": result.preempted, "export_dir": str(export_dir) if export_dir else None}
 

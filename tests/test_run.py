@@ -88,3 +88,26 @@ def test_an_error_raised_in_a_loader_worker_is_reported_by_its_own_message():
         next(iter(DataLoader(Bad(), num_workers=1)))
     assert "Original Traceback" in str(info.value)  # what torch hands the main process
     assert one_line(info.value) == "train.json: sample 1 (id='x') assistant turn 0: <think> not closed"
+
+
+def test_truncations_are_counted_in_the_summary(tmp_path):
+    from recipes.sft import main
+
+    long_answer = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    records = [
+        {"id": "long", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello there"},
+                                         {"from": "human", "value": "Describe the image."},
+                                         {"from": "gpt", "value": long_answer}]},
+        {"id": "short", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]},
+    ]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    cfg = sft_config(tmp_path, "qwen2_vl", data, **{"train.max_steps": 2, "data.max_seq_length": 48,
+                                                    "train.micro_batch_size": 2})
+    summary = main(cfg)
+    truncated = summary["truncated"]
+    assert truncated["num_truncated"] == 2  # the long sample, once per step (both steps see it)
+    first = truncated["records"][0]
+    assert first["id"] == "long" and first["tokens_before"] > 48 >= first["tokens_after"]
+    assert summary["num_skipped"] == 0  # its first assistant turn still trains
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["truncated"] == truncated
