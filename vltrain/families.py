@@ -1,11 +1,13 @@
 """Everything that differs between Qwen-VL generations, in one table keyed by `config.model_type`.
 
 Loops and setup code ask this table; nothing else in vltrain branches on the family, and nothing
-ever looks at a checkpoint's name.
+ever looks at a checkpoint's name. The one piece of model code the data layer needs -- the mRoPE ids of
+packed examples -- is here too (`RopeIndex`), so vltrain.data never imports model classes itself.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +33,8 @@ class FamilySpec:
     llm_module: str = "model.language_model"
     llm_layers: str = "model.language_model.layers"
     lm_head: str = "lm_head"
-    # "module:Class" of the inner model whose `get_rope_index` gives the mRoPE ids (data.packing runs it
-    # without weights in loader workers); a string, so the spec stays picklable.
+    # "module:Class" of the inner model whose `get_rope_index` gives the mRoPE ids (`RopeIndex` below runs it
+    # without weights, in loader workers); a string, so the spec stays picklable.
     rope_index_model: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -108,3 +110,38 @@ def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
     if hasattr(model, "peft_config") and hasattr(model, "base_model"):
         base = model.base_model.model
     return base.get_submodule(path)
+
+
+class RopeIndex:
+    """The family's own `get_rope_index`, callable without the model's weights (in loader workers).
+
+    The inner model class is the one the family table names (`FamilySpec.rope_index_model`). Its
+    `get_rope_index` only reads `self.config` and calls other plain methods of the class, so it runs on
+    an empty instance of that class carrying the config. Pickles as (config, class reference).
+    """
+
+    def __init__(self, model_or_config):
+        config = getattr(model_or_config, "config", model_or_config)
+        self.config = config
+        self.class_path = family_spec(config).rope_index_model
+        self._inner = None
+
+    def _inner_model(self):
+        if self._inner is None:
+            module_name, _, class_name = self.class_path.partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            inner = object.__new__(cls)  # no weights: get_rope_index needs only the config
+            inner.__dict__["config"] = self.config
+            self._inner = inner
+        return self._inner
+
+    def __getstate__(self):
+        return {"config": self.config, "class_path": self.class_path, "_inner": None}
+
+    def __call__(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(3, n) mRoPE ids of one example (input_ids (n,), mm_token_type_ids (n,), its grids)."""
+        kwargs = {k: example[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in example}
+        position_ids, _ = self._inner_model().get_rope_index(
+            example["input_ids"][None], example["mm_token_type_ids"][None], attention_mask=None, **kwargs
+        )
+        return position_ids[:, 0]

@@ -6,9 +6,8 @@ A packed micro-batch is ONE row with no padding:
   example order (as the padding collator does: vltrain.data.dataset.collate_extras); no attention_mask.
 position_ids row 0 holds text positions that restart at 0 for every example (this is how attention
 finds the examples: vltrain.attention), rows 1-3 the example's own mRoPE T/H/W ids, computed by the
-`get_rope_index` of the inner model class that the family table names (FamilySpec.rope_index_model),
-on that example alone with its own image/video grids -- exactly the ids the model computes for the
-example unpacked. The first label of every example is -100, so no
+family table (`vltrain.families.RopeIndex`: the model's own `get_rope_index`) on that example alone with
+its own image/video grids -- exactly the ids the model computes for the example unpacked. The first label of every example is -100, so no
 token is ever predicted from the previous example (it is -100 anyway: rows start with a system or
 user header).
 
@@ -19,7 +18,6 @@ user header).
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 
@@ -28,42 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from vltrain.data.dataset import collate_extras
 from vltrain.data.encode import IGNORE_INDEX
-from vltrain.families import family_spec
-
-
-class RopeIndex:
-    """The family's own `get_rope_index`, callable without the model's weights (in loader workers).
-
-    The inner model class is the one the family table names (`FamilySpec.rope_index_model`). Its
-    `get_rope_index` only reads `self.config` and calls other plain methods of the class, so it runs on
-    an empty instance of that class carrying the config. Pickles as (config, class reference).
-    """
-
-    def __init__(self, model_or_config):
-        config = getattr(model_or_config, "config", model_or_config)
-        self.config = config
-        self.class_path = family_spec(config).rope_index_model
-        self._inner = None
-
-    def _inner_model(self):
-        if self._inner is None:
-            module_name, _, class_name = self.class_path.partition(":")
-            cls = getattr(importlib.import_module(module_name), class_name)
-            inner = object.__new__(cls)  # no weights: get_rope_index needs only the config
-            inner.__dict__["config"] = self.config
-            self._inner = inner
-        return self._inner
-
-    def __getstate__(self):
-        return {"config": self.config, "class_path": self.class_path, "_inner": None}
-
-    def __call__(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(3, n) mRoPE ids of one example (input_ids (n,), mm_token_type_ids (n,), its grids)."""
-        kwargs = {k: example[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in example}
-        position_ids, _ = self._inner_model().get_rope_index(
-            example["input_ids"][None], example["mm_token_type_ids"][None], attention_mask=None, **kwargs
-        )
-        return position_ids[:, 0]
+from vltrain.families import RopeIndex
 
 
 def pack_examples(examples: list[dict[str, torch.Tensor]], rope_index: RopeIndex) -> dict[str, torch.Tensor]:
