@@ -23,13 +23,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
-from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto
+from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
 from vltrain.faults import NonFiniteGuard, Preemption, backward, optimizer_step
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.progress import TrainState, describe_run, model_inputs, resumable_batches, total_steps
@@ -92,20 +92,13 @@ def _eval_and_log(accelerator, model, loader, step: int) -> tuple[int, float]:
     return step, loss
 
 
-def _all_ranks(accelerator, count: int) -> int:
-    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
-
-
 def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None, *,
-          skips: SkipLedger | None = None) -> TrainResult:
-    """Run SFT (train_cfg: a TrainConfig, optim_cfg: an OptimConfig). `skips` counts the data layer's skipped
-    samples against `data.max_bad_fraction` (default: a ledger with DataConfig's default fraction)."""
+          max_bad_fraction: float = DataConfig.max_bad_fraction) -> TrainResult:
+    """Run SFT (train_cfg: a TrainConfig, optim_cfg: an OptimConfig). The data layer's skipped samples are
+    counted against `max_bad_fraction` (`data.max_bad_fraction`) of this rank's share of the dataset."""
     tcfg, ga = train_cfg, accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
-    if skips is None:  # this rank's share of the dataset, at DataConfig's default fraction
-        from vltrain.config import DataConfig
-
-        skips = SkipLedger(DataConfig.max_bad_fraction, max(1, len(train_loader.dataset) // accelerator.num_processes))
+    skips = SkipLedger(max_bad_fraction, max(1, len(train_loader.dataset) // accelerator.num_processes))
     optimizer = build_optimizer(model, optim_cfg, cpu_offload=deepspeed_offloads_optimizer(accelerator))
     fill_deepspeed_auto(accelerator, model, optim_cfg.max_grad_norm)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -182,7 +175,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                     and state.step < num_steps):
                 result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
             if stop or (tcfg.save_every and (state.step % tcfg.save_every == 0 or state.step == num_steps)):
-                state.num_skipped = skipped_before + _all_ranks(accelerator, skips.count)
+                state.num_skipped = skipped_before + sum_over_ranks(accelerator, skips.count)
                 save_checkpoint(accelerator, tcfg.output_dir, state.step, scheduler, state.to_dict(), tcfg.save_total_limit)
             if stop:
                 result.preempted = preemption.signal_name or "signal"
@@ -194,14 +187,13 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
     if eval_loader is not None and result.preempted is None:
         result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
     # every rank's skipped samples, plus those counted before a resume (the ledger starts empty then)
-    result.num_skipped = skipped_before + _all_ranks(accelerator, skips.count)
-    records = skips.summary()["records"]
+    result.num_skipped = skipped_before + sum_over_ranks(accelerator, skips.count)
     result.skipped = {**skips.summary(), "num_skipped": result.num_skipped,
-                      "records": gather_object(records) if world > 1 else records}
+                      "records": gather_lists(accelerator, skips.summary()["records"])}
     if result.num_skipped:
         print0(f"skipped {result.num_skipped} sample(s) that could not be used (see warnings above)")
-    result.truncated = {"num_truncated": _all_ranks(accelerator, len(truncations)),
-                        "records": (gather_object(truncations[:100]) if world > 1 else truncations[:100])[:100]}
+    result.truncated = {"num_truncated": sum_over_ranks(accelerator, len(truncations)),
+                        "records": gather_lists(accelerator, truncations[:100])[:100]}
     if result.truncated["num_truncated"]:
         print0(f"truncated {result.truncated['num_truncated']} sample(s) to data.max_seq_length (see warnings above)")
     result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 
 from loops.sft import train
 from vltrain.build import build_model
@@ -23,8 +23,7 @@ from vltrain.data.dataset import SFTDataset
 from vltrain.data.formats import load_conversations
 from vltrain.data.loader import build_loader, resolve_synthetic_data
 from vltrain.data.media import MediaOptions
-from vltrain.data.skips import SkipLedger
-from vltrain.distributed import build_accelerator, parameters_sharded
+from vltrain.distributed import build_accelerator, gather_lists, parameters_sharded
 from vltrain.run import finish_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
 
@@ -61,8 +60,8 @@ def main(cfg: SFTConfig) -> dict:
     }
     print0("data: " + ", ".join(f"{len(loader.dataset)} {split} samples" for split, loader in loaders.items()))
 
-    skips = SkipLedger(data.max_bad_fraction, max(1, len(loaders["train"].dataset) // accelerator.num_processes))
-    result = train(accelerator, built.model, loaders["train"], cfg.train, cfg.optim, loaders.get("eval"), skips=skips)
+    result = train(accelerator, built.model, loaders["train"], cfg.train, cfg.optim, loaders.get("eval"),
+                   max_bad_fraction=data.max_bad_fraction)
     export_dir = None
     if result.preempted is None:
         export_dir = export_model(accelerator, result.model, built.processor, cfg, Path(cfg.train.output_dir) / "final")
@@ -81,7 +80,7 @@ def main(cfg: SFTConfig) -> dict:
         _, scored = exact_match_accuracy(accelerator.unwrap_model(result.model), built.processor, mine, media,
                                          image_folder=data.image_folder, system_prompt=data.system_prompt,
                                          show_progress=accelerator.is_main_process)
-        scored = gather_object(scored) if accelerator.num_processes > 1 else scored
+        scored = gather_lists(accelerator, scored)
         summary["exact_match"] = sum(r["correct"] for r in scored) / max(1, len(scored))
         if accelerator.is_main_process:
             (Path(cfg.train.output_dir) / "exact_match.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))

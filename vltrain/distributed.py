@@ -115,3 +115,17 @@ def prepare_frozen_model(accelerator, model):
     if model in accelerator._models:
         accelerator._models.remove(model)  # checkpoints hold the policy only
     return model
+
+
+def sum_over_ranks(accelerator, count: int) -> int:
+    """`count` summed over every rank (a collective)."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+
+def gather_lists(accelerator, items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order on every rank (a collective)."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
