@@ -164,35 +164,28 @@ def add_dummy_media_row(model, batch: dict[str, torch.Tensor], pad_token_id: int
     """(batch with one extra last row holding a dummy image and/or video token where the batch lacks
     that modality, whether a row was added). The row's media come last, as its tokens do, so the real
     rows' media order and outputs are unchanged; its completion is discarded by the caller."""
-    from vltrain.vision import dummy_vision_inputs
+    from vltrain.vision import missing_media
 
-    need = [kind for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-            if batch.get(key) is None]
-    if not need:
+    dummy = missing_media(model, batch)
+    if dummy is None:
         return batch, False
-    pixels, grid = dummy_vision_inputs(model)
-    config = model.config
-    tokens = [config.image_token_id if k == "image" else config.video_token_id for k in need]
-    types = [1 if k == "image" else 2 for k in need]
+    n = len(dummy.token_ids)
     rows, length = batch["input_ids"].shape
-    width = max(length, len(need))
+    width = max(length, n)
     out = {}
-    for key, fill, tail in (("input_ids", pad_token_id, tokens), ("attention_mask", 0, [1] * len(need)),
-                            ("mm_token_type_ids", 0, types)):
+    for key, fill, tail in (("input_ids", pad_token_id, dummy.token_ids), ("attention_mask", 0, [1] * n),
+                            ("mm_token_type_ids", 0, dummy.type_ids)):
         t = batch[key]
         grown = torch.full((rows + 1, width), fill, dtype=t.dtype)
         grown[:rows, width - length:] = t
         if key == "attention_mask":
             grown[:rows, : width - length] = 0
-        grown[rows, width - len(need):] = torch.tensor(tail, dtype=t.dtype)
+        grown[rows, width - n:] = torch.tensor(tail, dtype=t.dtype)
         out[key] = grown
     for key in MEDIA_KEYS:
         if batch.get(key) is not None:
             out[key] = batch[key]
-    for kind in need:
-        out["pixel_values" if kind == "image" else "pixel_values_videos"] = pixels
-        out["image_grid_thw" if kind == "image" else "video_grid_thw"] = grid
-    return out, True  # (no second_per_grid_ts for a dummy video: the rope index takes 1 s per grid)
+    return out | dummy.tensors, True  # (no second_per_grid_ts for a dummy video: the rope index takes 1 s per grid)
 
 
 class _RowDone:

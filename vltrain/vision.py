@@ -13,6 +13,8 @@ every vision parameter is in the backward graph too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vltrain.data.encode import IGNORE_INDEX
@@ -36,43 +38,58 @@ def batch_has_media(batch: dict) -> bool:
     return batch.get("pixel_values") is not None or batch.get("pixel_values_videos") is not None
 
 
+@dataclass
+class DummyMedia:
+    """A dummy image and/or video (one merged token of zero pixels each) for the modalities a batch lacks."""
+
+    token_ids: list[int]  # the media placeholder token of each, in the order appended
+    type_ids: list[int]  # their mm_token_type_ids (1 image, 2 video)
+    tensors: dict[str, torch.Tensor]  # pixel_values / image_grid_thw and/or pixel_values_videos / video_grid_thw
+
+
+def missing_media(model, batch: dict) -> DummyMedia | None:
+    """The dummy media `batch` needs so that the model runs both its image and its video path (None: none)."""
+    need = [kind for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
+            if batch.get(key) is None]
+    if not need:
+        return None
+    config = model.config
+    pixels, grid = dummy_vision_inputs(model)
+    tensors = {}
+    for kind in need:
+        pixel_key, grid_key = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+        tensors[pixel_key], tensors[grid_key] = pixels, grid
+    return DummyMedia(token_ids=[config.image_token_id if k == "image" else config.video_token_id for k in need],
+                      type_ids=[1 if k == "image" else 2 for k in need], tensors=tensors)
+
+
 def complete_modalities(model, batch: dict) -> tuple[dict, bool]:
     """(batch with a dummy image and/or video appended where it has none, whether anything was added).
 
     Works for padded (B, L) batches (the model computes position ids) and packed rows with position_ids
     (4, B, L): the appended tokens get text position 0, so the packed attention sees them as an example
     of their own, and mRoPE ids 0, which is what the model computes for a lone one-token image."""
-    need = [kind for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-            if batch.get(key) is None]
-    if not need:
+    dummy = missing_media(model, batch)
+    if dummy is None:
         return batch, False
-    config = model.config
-    pixels, grid = dummy_vision_inputs(model)
     out = dict(batch)
     ids = batch["input_ids"]
-    rows, n = ids.shape[0], len(need)
+    rows, n = ids.shape[0], len(dummy.token_ids)
 
     def grow(t, fill, row0):
         col = torch.full((rows, n), fill, dtype=t.dtype, device=t.device)
         col[0] = torch.tensor(row0, dtype=t.dtype, device=t.device)
         return torch.cat([t, col], dim=1)
 
-    tokens = [config.image_token_id if k == "image" else config.video_token_id for k in need]
-    types = [1 if k == "image" else 2 for k in need]
-    out["input_ids"] = grow(ids, 0, tokens)
+    out["input_ids"] = grow(ids, 0, dummy.token_ids)
     out["labels"] = grow(batch["labels"], IGNORE_INDEX, [IGNORE_INDEX] * n)
-    out["mm_token_type_ids"] = grow(batch["mm_token_type_ids"], 0, types)
+    out["mm_token_type_ids"] = grow(batch["mm_token_type_ids"], 0, dummy.type_ids)
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = grow(batch["attention_mask"], 0, [1] * n)
     if batch.get("position_ids") is not None:
         pos = batch["position_ids"]
         out["position_ids"] = torch.cat([pos, pos.new_zeros(*pos.shape[:-1], n)], dim=-1)
-    for kind in need:
-        if kind == "image":
-            out["pixel_values"], out["image_grid_thw"] = pixels, grid
-        else:
-            out["pixel_values_videos"], out["video_grid_thw"] = pixels, grid
-    return out, True
+    return out | dummy.tensors, True
 
 
 def link_dummy_features(model):
