@@ -90,7 +90,7 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
     tmp = root / f"step_{step:06d}.tmp"
     _register_hooks(accelerator)
     if accelerator.is_main_process:
-        for stale in list(root.glob("step_*.tmp")) + list(root.glob("step_*.del")) if root.is_dir() else []:
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.del")]:
             shutil.rmtree(stale, ignore_errors=True)  # torn by an earlier kill: never complete, never resumed from
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
