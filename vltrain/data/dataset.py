@@ -29,7 +29,40 @@ RESERVED_KEYS = frozenset(("input_ids", "labels", "mm_token_type_ids", "attentio
                            *MEDIA_KEYS, *RECORD_LISTS))
 
 
-class SFTDataset(Dataset):
+class SkippingDataset(Dataset):
+    """`__getitem__` = `encode(index)`, or, when that sample cannot be used (SampleSkipped / MediaError), the
+    next usable one carrying skip records of those it replaced (vltrain.data.skips). Subclasses define
+    `encode`, `conversation(index)` (whose source / index / id name a skipped sample), `__len__`, and set
+    `path` and `max_consecutive_skips`; shared by SFTDataset and vltrain.data.pairs.PairDataset."""
+
+    path: str
+    max_consecutive_skips: int
+
+    def encode(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def conversation(self, index: int) -> Conversation:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for offset in range(self.max_consecutive_skips):
+            i = (index + offset) % len(self)
+            try:
+                example = self.encode(i)
+            except (SampleSkipped, MediaError) as e:
+                conv = self.conversation(i)
+                skipped.append(skip_record(conv.source, conv.index, conv.sample_id, getattr(e, "reason", str(e))))
+                continue
+            example["skipped"] = skipped
+            return example
+        raise RuntimeError(
+            f"{self.path}: {self.max_consecutive_skips} consecutive samples from index {index} could not be used; "
+            "see the warnings above (max_seq_length too small? media missing?)"
+        )
+
+
+class SFTDataset(SkippingDataset):
     """Conversations (a LLaVA JSON/JSONL or messages file, or already-parsed Conversations), encoded on access.
 
     A sample that cannot be used (unreadable media, too long for `max_seq_length`, no supervised tokens,
@@ -87,22 +120,8 @@ class SFTDataset(Dataset):
                          image_folder=self.image_folder, system_prompt=self.system_prompt, thinking=self.thinking)
         return example | conv.extra
 
-    def __getitem__(self, index: int) -> dict:
-        skipped = []
-        for offset in range(self.max_consecutive_skips):
-            i = (index + offset) % len(self)
-            try:
-                example = self.encode(i)
-            except (SampleSkipped, MediaError) as e:
-                conv = self.conversations[i]
-                skipped.append(skip_record(conv.source, conv.index, conv.sample_id, getattr(e, "reason", str(e))))
-                continue
-            example["skipped"] = skipped
-            return example
-        raise RuntimeError(
-            f"{self.path}: {self.max_consecutive_skips} consecutive samples from index {index} could not be used; "
-            "see the warnings above (max_seq_length too small? media missing?)"
-        )
+    def conversation(self, index: int) -> Conversation:
+        return self.conversations[index]
 
 
 def collate_extras(examples: list[dict], known) -> dict:

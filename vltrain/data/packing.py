@@ -13,7 +13,8 @@ user header).
 
 `TokenBudgetBatchSampler` yields index lists whose summed example lengths stay within
 `max_tokens`, instead of a fixed number of samples. It needs every example's length up front:
-`example_lengths(dataset)` encodes each example once (in DataLoader workers) and keeps only the length.
+`example_lengths(dataset)` encodes each example once (in DataLoader workers) and keeps only the length
+(a preference pair's: chosen + rejected).
 """
 
 from __future__ import annotations
@@ -69,7 +70,15 @@ def example_lengths(dataset, num_workers: int = 0) -> list[int]:
 
 
 def _lengths(examples):
-    return [len(e["input_ids"]) for e in examples]
+    return [example_length(e) for e in examples]
+
+
+def example_length(example: dict) -> int:
+    """Tokens of one example; a preference pair (vltrain.data.pairs: no `input_ids` of its own) counts its
+    chosen + rejected sequences, both of which its micro-batch holds."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return len(example["chosen"]["input_ids"]) + len(example["rejected"]["input_ids"])
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
