@@ -49,10 +49,10 @@ trl/experimental/cpo, orpo from trl/experimental/orpo); deviations are marked DE
 - orpo, ORPO (Hong et al. 2024, arXiv:2403.07691, Eqs. 4-7), reference-free, length-normalised:
   log_odds = (mc - mr) - (log(1 - exp(mc)) - log(1 - exp(mr)));  -pc / nc - beta ls(log_odds) (beta is the
   paper's lambda). log(1 - exp(x)) is evaluated as log1p(-exp(x)) below -ln 2 and log(-expm1(x)) above
-  (Maechler 2012), each branch on inputs where it is finite so no NaN gradient leaks through
-  `torch.where`; mc, mr are first clamped to <= -1e-6 (a sequence whose every token has probability
-  1 - 1e-6 or more gets no odds-ratio gradient; the NLL term still has one). DEVIATION: TRL's NLL term is
-  the batch token mean; here per pair, as for sft.
+  (Maechler 2012, as TRL). DEVIATION: mc, mr are first clamped to <= -1e-6 (TRL does not clamp), where
+  both branches and their gradients are finite (at mc = 0, a sequence of probability 1, log(1 - exp(mc))
+  is -inf): a sequence whose per-token geometric-mean probability is above 1 - 1e-6 gets no odds-ratio
+  gradient, its NLL term still has one. DEVIATION: TRL's NLL term is the batch token mean; here per pair.
 Not implemented (TRL has them): exo_pair, aot, aot_unpaired, discopop, sigmoid_norm, f-divergences, WPO
 weighting, ld_alpha; they are unknown names to `validate_loss_options`.
 
@@ -241,12 +241,10 @@ def _simpo(x: _Pairs) -> torch.Tensor:
 
 
 def _log1mexp(m: torch.Tensor) -> torch.Tensor:
-    """(P,) log(1 - exp(m)) for m < 0: log1p(-exp(m)) below -ln 2, log(-expm1(m)) above (Maechler 2012).
-    Each branch sees only inputs where it is finite, so `torch.where` passes no NaN gradient back."""
-    below = m < -math.log(2)
-    far = torch.log1p(-torch.exp(torch.where(below, m, torch.full_like(m, -1.0))))
-    near = torch.log(-torch.expm1(torch.where(below, torch.full_like(m, -0.5), m)))
-    return torch.where(below, far, near)
+    """(P,) log(1 - exp(m)) for m <= _MAX_MEAN_LOGP < 0: log1p(-exp(m)) below -ln 2, log(-expm1(m)) above
+    (Maechler 2012). Both branches are finite (with finite gradients) over that whole range, so the one
+    `torch.where` does not select passes no NaN back."""
+    return torch.where(m < -math.log(2), torch.log1p(-torch.exp(m)), torch.log(-torch.expm1(m)))
 
 
 def _orpo(x: _Pairs) -> torch.Tensor:
