@@ -136,6 +136,28 @@ def test_reference_free_losses_take_no_reference():
     assert_close(out.loss, expected)
 
 
+def test_reference_free_losses_ignore_a_given_reference():
+    with_reference = preference_loss(policy(), reference(), ["simpo", "orpo", "sft"], beta=BETA)
+    without = preference_loss(policy(), None, ["simpo", "orpo", "sft"], beta=BETA)
+    torch.testing.assert_close(with_reference.loss, without.loss)
+    torch.testing.assert_close(with_reference.chosen_rewards, without.chosen_rewards)
+
+
+def test_a_single_name_is_a_one_element_list():
+    torch.testing.assert_close(preference_loss(policy(), reference(), "hinge", beta=BETA).loss,
+                               preference_loss(policy(), reference(), [LossType.HINGE], beta=BETA).loss)
+
+
+@pytest.mark.parametrize("loss_type", list(LossType))
+def test_an_empty_micro_batch_gives_an_empty_loss(loss_type):
+    """A micro-batch whose pairs were all skipped: (0,) values, a zero sum, and a backward that works."""
+    pol = logps([], [], [], [], requires_grad=True)
+    out = preference_loss(pol, logps([], [], [], []), [loss_type], beta=BETA)
+    assert out.loss.shape == (0,) and out.chosen_rewards.shape == (0,)
+    out.loss.sum().backward()
+    assert pol.chosen.grad.shape == (0,)
+
+
 @pytest.mark.parametrize("loss_type", [t for t in LossType if t.needs_reference])
 def test_a_reference_needing_loss_without_reference_is_an_error(loss_type):
     with pytest.raises(ValueError, match=loss_type.value):

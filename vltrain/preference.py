@@ -39,7 +39,7 @@ trl/experimental/cpo, orpo from trl/experimental/orpo); deviations are marked DE
 - sft:  -pc / nc, the token-mean NLL of the chosen sequence (reference-free).
   DEVIATION: TRL averages over all chosen tokens of the batch and repeats that scalar per pair; here each
   pair has its own token mean, so in the global pair mean every pair weighs the same whatever its length.
-- simpo, SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6), reference-free, length-normalised:
+- simpo, SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free, length-normalised:
   -ls(beta (mc - mr) - gamma) with gamma = `simpo_gamma`, the target reward margin itself. This is TRL's
   CPOConfig.simpo_gamma (CPOTrainer subtracts gamma / beta from the log-ratio, then multiplies by beta);
   SimPO's own code takes gamma_beta_ratio = gamma / beta instead. DEVIATION: TRL's CPOTrainer also applies
@@ -53,8 +53,8 @@ trl/experimental/cpo, orpo from trl/experimental/orpo); deviations are marked DE
   both branches and their gradients are finite (at mc = 0, a sequence of probability 1, log(1 - exp(mc))
   is -inf): a sequence whose per-token geometric-mean probability is above 1 - 1e-6 gets no odds-ratio
   gradient, its NLL term still has one. DEVIATION: TRL's NLL term is the batch token mean; here per pair.
-Not implemented (TRL has them): exo_pair, aot, aot_unpaired, discopop, sigmoid_norm, f-divergences, WPO
-weighting, ld_alpha; they are unknown names to `validate_loss_options`.
+Not implemented (TRL 1.16 has them): the losses exo_pair, aot, aot_unpaired, discopop and sigmoid_norm
+(unknown names here), and DPOTrainer's f-divergence scores, WPO weighting and ld_alpha.
 
 Rewards (detached, (P,)), for logging: beta (pc - rc) and beta (pr - rr) when any selected loss needs a
 reference (TRL's DPOTrainer, ipo included); beta mc and beta mr when none does (TRL's CPO / ORPO trainers;
