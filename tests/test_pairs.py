@@ -18,7 +18,7 @@ from vltrain.data.formats import DataFormatError, Part, Turn
 from vltrain.data.loader import build_loader
 from vltrain.data.media import MediaOptions
 from vltrain.data.packing import example_lengths
-from vltrain.data.pairs import PairCollator, PairDataset, expand_media, load_pairs, parse_pair
+from vltrain.data.pairs import PairCollator, PairDataset, expand_media, load_pairs, parse_pair, unique_grids
 from vltrain.data.skips import SkipLedger
 from vltrain.families import RopeIndex, family_spec
 from vltrain.logprobs import sequence_ids
@@ -337,6 +337,11 @@ def test_collator_layout_sequence_order_occurrence_grids_and_sources(model_type,
     unique = torch.split(batch["pixel_values"], [int(grids[first_of[u]].prod()) for u in range(len(first_of))])
     rebuilt = torch.cat([unique[int(u)] for u in batch["image_source"]])
     assert torch.equal(rebuilt, _cat(naive, "pixel_values"))
+    unique_ref = {"image_grid_thw": torch.cat([examples[1]["image_grid_thw"], examples[3]["image_grid_thw"]]),
+                  "video_grid_thw": examples[2]["video_grid_thw"]}
+    unique_ref |= {k: examples[2][k] for k in ("second_per_grid_ts",) if k in examples[2]}
+    assert unique_grids(batch).keys() == unique_ref.keys()
+    assert all(torch.equal(unique_grids(batch)[k], v) for k, v in unique_ref.items())
     expanded = expand_media(batch)
     assert torch.equal(expanded["pixel_values"], _cat(naive, "pixel_values"))
     assert torch.equal(expanded["pixel_values_videos"], _cat(naive, "pixel_values_videos"))

@@ -40,7 +40,7 @@ sees each image twice; the pixels travel once:
 
 `pixel_values` as a naive collation would give it (each pair's pixels repeated for chosen and rejected) is
 `cat([unique[image_source[o]] for o in occurrences])` with `unique` = pixel_values split by the unique
-images' patch counts (`grid.prod()` of each source's first occurrence); `expand_media` does that.
+images' patch counts (`grid.prod()` of each source's first occurrence: `unique_grids`); `expand_media` does that.
 """
 
 from __future__ import annotations
@@ -241,18 +241,30 @@ def media_sources(examples: list[dict], grid_key: str) -> torch.Tensor | None:
     return torch.cat(sources) if offset else None
 
 
+def unique_grids(batch: dict) -> dict[str, torch.Tensor]:
+    """The grid rows of the unique media, in the order of their pixels (what the vision tower runs on once):
+    {"image_grid_thw": (U, 3), "video_grid_thw": (W, 3), "second_per_grid_ts": (W,)} for the modalities present."""
+    out = {}
+    for _, grid_key, source_key in MEDIA_SOURCES:
+        if source_key not in batch:
+            continue
+        sources = batch[source_key]
+        first = torch.stack([(sources == u).nonzero()[0, 0] for u in range(int(sources.max()) + 1)])
+        out[grid_key] = batch[grid_key][first]
+        if grid_key == "video_grid_thw" and "second_per_grid_ts" in batch:
+            out["second_per_grid_ts"] = batch["second_per_grid_ts"][first]
+    return out
+
+
 def expand_media(batch: dict) -> dict[str, torch.Tensor]:
     """The pixel tensors a naive collation would hold (each occurrence's pixels), from the unique ones:
     {"pixel_values": (sum over occurrences, D), "pixel_values_videos": ...} for the modalities present."""
+    grids = unique_grids(batch)
     out = {}
     for pixel_key, grid_key, source_key in MEDIA_SOURCES:
-        if source_key not in batch:
-            continue
-        grids, sources = batch[grid_key], batch[source_key]
-        num_unique = int(sources.max()) + 1
-        first = [int((sources == u).nonzero()[0]) for u in range(num_unique)]
-        unique = torch.split(batch[pixel_key], [int(grids[o].prod()) for o in first])
-        out[pixel_key] = torch.cat([unique[int(u)] for u in sources])
+        if source_key in batch:
+            unique = torch.split(batch[pixel_key], grids[grid_key].prod(-1).tolist())
+            out[pixel_key] = torch.cat([unique[u] for u in batch[source_key].tolist()])
     return out
 
 
