@@ -388,6 +388,33 @@ def test_model_runs_the_padded_pair_batch_like_its_sequences_alone(media_dir, on
             torch.testing.assert_close(logits[s, : len(own)], own, atol=1e-5, rtol=1e-5)
 
 
+def test_sequence_logprobs_of_the_packed_and_padded_pair_batches_agree(media_dir, one_thread):
+    """The 2P sequences of one micro-batch give the same per-sequence log-probs packed or padded
+    (chosen = [0::2], rejected = [1::2]), each a sequence with supervised tokens."""
+    import copy
+
+    from vltrain.attention import enable_packed_attention
+    from vltrain.logprobs import sequence_logprobs
+
+    stock, processor = build_tiny("qwen2_5_vl")
+    stock.config.use_cache = False
+    stock.eval()
+    packed_model = copy.deepcopy(stock)
+    enable_packed_attention(packed_model)
+    _, examples = _mixed_examples(media_dir, "qwen2_5_vl")
+    results = []
+    for packing, model in ((False, stock), (True, packed_model)):
+        batch = PairCollator(stock, packing=packing, pad_token_id=processor.tokenizer.pad_token_id)(examples)
+        inputs = {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in ("image_source", "video_source")}
+        with torch.no_grad():
+            results.append(sequence_logprobs(model, inputs | expand_media(batch)))
+    (padded, padded_n), (packed, packed_n) = results
+    assert padded.shape == (8,) and torch.equal(padded_n, packed_n) and (padded_n > 0).all()
+    expected_n = [int((e[k]["labels"][1:] != IGNORE_INDEX).sum()) for e in examples for k in ("chosen", "rejected")]
+    assert packed_n.tolist() == expected_n
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ loaders
 def test_token_budget_sampler_measures_chosen_plus_rejected(media_dir):
     ds, examples = _mixed_examples(media_dir, "qwen2_vl")
