@@ -32,16 +32,18 @@ Reported per run (one table line, and every field in `--out` JSON):
   step's first micro-batch to the end of its optimizer step; the step's micro-batches are collated before
   that for both tools, as transformers' Trainer prefetches them), and `wall_pairs_per_s` from step end to
   step end (data loading included). Real tokens: chosen + rejected sequences including the prompt, each
-  sequence once, counted by one tool-neutral tokenisation (the same figure for both tools); each tool's own
-  count of the tokens it ran (`tool_tokens`, non-pad) and of the rows it built (`tool_padded_tokens`) too.
+  sequence once, counted by one tool-neutral tokenisation (the same figure for both tools); also each tool's
+  own count of the non-pad tokens in the batches it built (`tool_tokens`; TRL's from the attention masks its
+  policy forwards get) and of their padded size (`tool_padded_tokens`).
 - MFU against the bf16 matmul ceiling measured in this run, from bench_sft's `model_flops` (its FLOP
   accounting: 6 x params x tokens for trained linears, 4 x for frozen ones under LoRA, attention terms,
   recomputation not counted) applied to the USEFUL work of DPO: the policy's forward + backward over both
   sequences of every pair with the pair's image encoded once, plus the reference's forward (a third of a
   full-mode forward + backward) over the same. The same FLOP figure for both tools, so MFU ratios are
   throughput ratios; the vision work a tool repeats is reported separately:
-- vision-tower work per pair: calls, images and patches that reach the tower (forward hooks on every
-  vision tower -- policy and reference together), per pair of the step.
+- vision-tower work per pair: calls, images (grid rows: a dummy video a tool appends to image-only batches
+  counts too) and patches that reach the tower (forward hooks on every vision tower -- policy and reference
+  together), per pair of the first timed step.
 - peak memory (torch.cuda.max_memory_allocated, reset after the models are placed and before the first
   step), first-step loss (sigmoid DPO with policy == reference starts at log 2 = 0.693: a correctness check),
   or "OOM" (caught, memory freed, the next run goes on).
@@ -247,13 +249,14 @@ def vision_towers(*models) -> list[torch.nn.Module]:
 
 
 class WorkCounter:
-    """Forward hooks counting what reaches the vision towers (calls, images = grid rows, patches) and the
-    tokens the policy's forward runs (non-pad; rows x length) during one step. Counts stay tensors until
-    `totals()` so the hooks add no host sync to the timed step."""
+    """Forward hooks counting, during one step, what reaches the vision towers (calls; images = grid rows, a
+    dummy video a tool appends included; patches) and, given `policy`, the tokens its training forwards run
+    (non-pad, and rows x length). Counts stay tensors until `totals()`: the hooks add no host sync."""
 
-    def __init__(self, towers, policy):
+    def __init__(self, towers, policy=None):
         self.handles = [t.register_forward_hook(self._vision, with_kwargs=True) for t in towers]
-        self.handles.append(policy.register_forward_pre_hook(self._tokens, with_kwargs=True))
+        if policy is not None:
+            self.handles.append(policy.register_forward_pre_hook(self._tokens, with_kwargs=True))
         self.reset()
 
     def reset(self):
@@ -322,13 +325,14 @@ def run_trl(mode: str, gc_on: bool, args, work: Path, records, device) -> dict:
                          processing_class=processor, peft_config=peft_config, callbacks=[timer.callback])
     counter = WorkCounter(vision_towers(trainer.model, trainer.ref_model), _base(trainer.model))
     timer.counter = counter
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         trainer.train()
     finally:
         counter.remove()
-    out = timer.result(args.warmup)
+    out = timer.result(args.warmup) | {"trainable_params": trainable}
     del trainer, model
     return out
 
@@ -412,7 +416,7 @@ def run_vltrain(mode: str, gc_on: bool, args, work: Path, records, device) -> di
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=cuda)
     model, opt = accelerator.prepare(built.model, opt)
     reference.prepare(accelerator, model)
-    counter = WorkCounter(vision_towers(model, reference.module), _base(accelerator.unwrap_model(model)))
+    counter = WorkCounter(vision_towers(model, reference.module))  # tokens: counted on the batches below
     model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -441,11 +445,12 @@ def run_vltrain(mode: str, gc_on: bool, args, work: Path, records, device) -> di
             walls.append(end - (last_end if last_end is not None else t0))
             last_end = end
             if step == args.warmup:
-                counts = counter.totals()
+                tokens = sum(b["input_ids"].numel() for b in batches)  # packed rows: no padding
+                counts = counter.totals() | {"tool_tokens": tokens, "tool_padded_tokens": tokens}
     finally:
         counter.remove()
     out = {"times": times[args.warmup:], "walls": walls[args.warmup:], "losses": losses,
-           "micro_batches": len(batches), "kernels": list(getattr(built.model, "_vltrain_kernels", [])), **counts}
+           "micro_batches": len(batches), "trainable_params": sum(p.numel() for p in params), "kernels": list(getattr(built.model, "_vltrain_kernels", [])), **counts}
     del model, opt, reference, built, batches, loader
     accelerator.free_memory()
     return out
