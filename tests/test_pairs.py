@@ -138,6 +138,10 @@ MALFORMED = [
      r"2 image\(s\) .* only 1 <image>"),
     ({"id": "x", "image": "a.png", "prompt": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": "b"},
      r"field 'image' belongs to LLaVA records"),
+    ({"id": "x", "prompt": [], "chosen": "a", "rejected": "b"}, r"'prompt' must be a non-empty list"),
+    ({"id": "x", "prompt": [{"role": "user", "content": "Hi"}, {"text": "?"}], "chosen": "a", "rejected": "b"},
+     r"prompt\[1\]: needs 'role' and 'content'"),
+    ({"id": "x", "prompt": "", "chosen": "a", "rejected": "b"}, r"turn 0: empty user turn"),
     ({"id": "x", "conversations": [], "prompt": "Hi", "chosen": "a", "rejected": "b"},
      r"field 'conversations' does not belong to a preference pair"),
 ]

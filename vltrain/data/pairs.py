@@ -109,6 +109,16 @@ def _completion(value, name: str, where: str) -> str:
     return "".join(texts)  # the chat template joins text parts without a separator too
 
 
+def _parse_prompt(record: dict, index: int, source: str) -> Conversation:
+    """formats.parse_record of the prompt-only record; its errors name the pair's field 'prompt' instead of
+    the LLaVA / messages keys the pair record does not have (indices are the prompt list's own)."""
+    try:
+        return parse_record(record, index, source, require_reply=False)
+    except DataFormatError as e:
+        message = str(e).replace(" conversations[0]", " prompt").replace(" messages[", " prompt[")
+        raise DataFormatError(message.replace("'messages' must", "'prompt' must")) from None
+
+
 def parse_pair(record: dict, index: int, source: str = "data") -> PreferencePair:
     """Validate one DPO record of either shape (module docstring); errors name `source`, index, id and field."""
     sample_id = str(record.get("id", index))
@@ -124,10 +134,9 @@ def parse_pair(record: dict, index: int, source: str = "data") -> PreferencePair
     rest = {k: v for k, v in record.items() if k not in PAIR_FIELDS}
     prompt = record["prompt"]
     if isinstance(prompt, str):  # upstream: one user turn, placeholders and media as in a LLaVA record
-        conv = parse_record({**rest, "conversations": [{"from": "human", "value": prompt}]}, index, source,
-                            require_reply=False)
+        conv = _parse_prompt({**rest, "conversations": [{"from": "human", "value": prompt}]}, index, source)
     elif isinstance(prompt, list):
-        conv = parse_record({**rest, "messages": prompt}, index, source, require_reply=False)
+        conv = _parse_prompt({**rest, "messages": prompt}, index, source)
         if conv.has_reply:
             raise DataFormatError(f"{where}: field 'prompt' ends with an assistant turn; a prompt ends with the "
                                   "user turn that chosen / rejected answer")
