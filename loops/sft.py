@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from loops.common import data_report, end_of_step, log_step, next_micro_batches, prepare_run
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
-from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
 from vltrain.faults import NonFiniteGuard, Preemption, backward, optimizer_step
-from vltrain.optim import build_optimizer, build_scheduler
-from vltrain.progress import TrainState, describe_run, model_inputs, resumable_batches, total_steps
-from vltrain.tracking import format_step, peak_memory_gib, print0
+from vltrain.progress import model_inputs, resumable_batches
+from vltrain.tracking import print0
 from vltrain.vision import complete_modalities, link_dummy_features
 
 
@@ -99,42 +97,21 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
     tcfg, ga = train_cfg, accelerator.gradient_accumulation_steps
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
     skips = SkipLedger(max_bad_fraction, max(1, len(train_loader.dataset) // accelerator.num_processes))
-    optimizer = build_optimizer(model, optim_cfg, cpu_offload=deepspeed_offloads_optimizer(accelerator))
-    fill_deepspeed_auto(accelerator, model, optim_cfg.max_grad_norm)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    num_steps, steps_per_epoch = total_steps(tcfg, train_loader, ga)
-    scheduler = build_scheduler(optimizer, optim_cfg, num_steps)  # not prepared: we step it once per step
-
-    state = TrainState()
-    resume_from = resolve_resume(tcfg.resume, tcfg.output_dir)
-    if resume_from is not None:
-        state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, scheduler))
-        print0(f"resumed from {resume_from} at step {state.step}")
+    run = prepare_run(accelerator, model, train_loader, tcfg, optim_cfg, eval_loader)
+    model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
     world = accelerator.num_processes
-    print0(describe_run(train_loader, ga, world, num_steps, steps_per_epoch))
-    for group in optimizer.param_groups:
-        print0(f"  param group {group.get('name', '?'):<18} lr {group['lr']:.2e}  wd {group['weight_decay']}  "
-               f"params {sum(p.numel() for p in group['params']):,}")
 
     result = TrainResult(step=state.step, model=model)
-    skipped_before = state.num_skipped  # all ranks, up to the checkpoint resumed from (the ledger starts empty)
-    bad_before = state.num_bad_steps
     guard = NonFiniteGuard(tcfg.max_bad_steps)
     truncations: list[dict] = []  # this run's, this rank's, one per encode (an epoch counts again); each was warned
-    batches = resumable_batches(accelerator, train_loader, state.epoch, state.next_batch)
-    bar = tqdm(total=num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
+    batches = resumable_batches(accelerator, run.train_loader, state.epoch, state.next_batch)
+    bar = tqdm(total=run.num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
                dynamic_ncols=True)
     model.train()
     with Preemption() as preemption:
-        while state.step < num_steps:
+        while state.step < run.num_steps:
             t0 = time.perf_counter()
-            micro_batches = []
-            for _ in range(ga):
-                state.epoch, index, batch = next(batches)
-                micro_batches.append(batch)
-            state.next_batch = index + 1
+            micro_batches = next_micro_batches(batches, state, ga)
             num_tokens = accelerator.reduce(sum(count_label_tokens(b) for b in micro_batches).to(accelerator.device), "sum")
             step_loss = torch.zeros((), device=accelerator.device)
             real_tokens, sample_ids = 0, []
@@ -154,47 +131,25 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                                                 max_grad_norm=optim_cfg.max_grad_norm, loss=step_loss, guard=guard,
                                                 step=state.step + 1, sample_ids=sample_ids)
             state.step += 1
-            state.num_bad_steps = bad_before + guard.num_bad_steps
+            state.num_bad_steps = run.bad_before + guard.num_bad_steps
             step_loss = accelerator.reduce(step_loss, "sum").item()
             state.losses.append(step_loss)
             result.losses.append(step_loss)
-            if state.step % tcfg.log_every == 0 or state.step == num_steps:
-                metrics = {
-                    "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "tokens_per_s": accelerator.reduce(torch.tensor(real_tokens, device=accelerator.device), "sum").item()
-                    / (time.perf_counter() - t0),
-                    "memory_gib": peak_memory_gib(accelerator.device), "epoch": state.epoch,
-                }
-                accelerator.log(metrics, step=state.step)
-                if accelerator.is_main_process:
-                    bar.write(format_step(state.step, num_steps, metrics) + ("" if stepped else " | skipped (non-finite)"))
+            tokens_per_s = (accelerator.reduce(torch.tensor(real_tokens, device=accelerator.device), "sum").item()
+                            / (time.perf_counter() - t0))
+            log_step(accelerator, run, bar, {"loss": step_loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s},
+                     stepped)
             bar.update(1)
-
-            stop = preemption.requested(accelerator)  # collective, before eval: a preempted run saves at once
-            if (not stop and eval_loader is not None and tcfg.eval_every and state.step % tcfg.eval_every == 0
-                    and state.step < num_steps):
-                result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
-            if stop or (tcfg.save_every and (state.step % tcfg.save_every == 0 or state.step == num_steps)):
-                state.num_skipped = skipped_before + sum_over_ranks(accelerator, skips.count)
-                save_checkpoint(accelerator, tcfg.output_dir, state.step, scheduler, state.to_dict(), tcfg.save_total_limit)
-            if stop:
-                result.preempted = preemption.signal_name or "signal"
-                print0(f"{result.preempted} received: stopped after step {state.step}, checkpoint written; "
-                       f"resume with train.resume=auto")
+            result.preempted = end_of_step(
+                accelerator, run, preemption, skips,
+                lambda step: result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, step)))
+            if result.preempted:
                 break
     bar.close()
 
-    if eval_loader is not None and result.preempted is None:
-        result.eval_losses.append(_eval_and_log(accelerator, model, eval_loader, state.step))
-    # every rank's skipped samples, plus those counted before a resume (the ledger starts empty then)
-    result.num_skipped = skipped_before + sum_over_ranks(accelerator, skips.count)
-    result.skipped = {**skips.summary(), "num_skipped": result.num_skipped,
-                      "records": gather_lists(accelerator, skips.summary()["records"])}
-    if result.num_skipped:
-        print0(f"skipped {result.num_skipped} sample(s) that could not be used (see warnings above)")
-    result.truncated = {"num_truncated": sum_over_ranks(accelerator, len(truncations)),
-                        "records": gather_lists(accelerator, truncations[:100])[:100]}
-    if result.truncated["num_truncated"]:
-        print0(f"truncated {result.truncated['num_truncated']} sample(s) to data.max_seq_length (see warnings above)")
+    if run.eval_loader is not None and result.preempted is None:
+        result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, state.step))
+    report = data_report(accelerator, run, skips, truncations)
+    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
     result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
     return result

@@ -23,7 +23,7 @@ from vltrain.data.dataset import SFTDataset
 from vltrain.data.formats import load_conversations
 from vltrain.data.loader import build_loader, resolve_synthetic_data
 from vltrain.data.media import MediaOptions
-from vltrain.distributed import build_accelerator, gather_lists, parameters_sharded
+from vltrain.distributed import build_accelerator, check_kernels_supported, gather_lists
 from vltrain.run import finish_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
 
@@ -34,9 +34,7 @@ def setup(argv: list[str]) -> SFTConfig:
 
 def main(cfg: SFTConfig) -> dict:
     accelerator = build_accelerator(cfg.train)
-    if "compile_layers" in cfg.model.kernels and parameters_sharded(accelerator):
-        raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
-                         "drop it from model.kernels")
+    check_kernels_supported(accelerator, cfg.model)
     set_seed(cfg.train.seed)
     data = cfg.data
     with accelerator.main_process_first():

@@ -241,6 +241,54 @@ class SFTConfig:
             raise ValueError("data.train_path is required")
 
 
+@dataclass
+class DPOSection:
+    """Preference-loss options (vltrain.preference): `loss_type` names one loss or several, combined with
+    `loss_weights` (default 1.0 each), e.g. loss_type: [sigmoid, sft], loss_weights: [1.0, 0.2]."""
+
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid) / robust DPO (robust)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # One pass of the reference over every train / eval pair before training, cached on disk (keyed by the
+    # data file, model, media and template options) and reused by later runs; the reference is then freed.
+    precompute_ref_log_probs: bool = False
+    ref_cache_dir: str | None = None  # None: <train.output_dir>/ref_logps
+    # Run this SFT config first (`recipes/sft.py NAME`) when model.name_or_path does not exist yet; its
+    # export must be model.name_or_path (the demo: SFT teaches one behaviour, DPO another).
+    init_from_sft: str | None = None
+    # After training: greedy answers to this many held-out prompts, counted as the chosen / rejected reply
+    # (exact match, stripped) -- the demo's before/after check; 0 = off. Needs data.eval_path.
+    eval_generations: int = 0
+
+    def validate(self) -> None:
+        from vltrain.preference import validate_loss_options
+
+        validate_loss_options(self.loss_type, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
+                              simpo_gamma=self.simpo_gamma, simpo_gamma_default=DPOSection.simpo_gamma)
+        if self.eval_generations < 0:
+            raise ValueError(f"dpo.eval_generations must be >= 0, got {self.eval_generations}")
+        if self.ref_cache_dir is not None and not self.precompute_ref_log_probs:
+            raise ValueError("dpo.ref_cache_dir is set but dpo.precompute_ref_log_probs is false")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """SFT's sections (model, data, trainable, lora, optim, train: same meaning) plus `dpo`."""
+
+    dpo: DPOSection = field(default_factory=DPOSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/dpo"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.dpo.validate()
+        if self.train.eval_exact_match:
+            raise ValueError("train.eval_exact_match is an SFT option; DPO's generation check is dpo.eval_generations")
+        if self.dpo.eval_generations and not (self.data.eval_path or self.data.train_path.startswith("synthetic:")):
+            raise ValueError("dpo.eval_generations needs data.eval_path (held-out pairs to answer)")
+
+
 # --------------------------------------------------------------------------------------- loading
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML / CLI value to the annotated type, or raise naming the field."""

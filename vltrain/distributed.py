@@ -129,3 +129,10 @@ def gather_lists(accelerator, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(list(items))
+
+
+def check_kernels_supported(accelerator, model_cfg) -> None:
+    """Refuse kernel choices the launch config cannot run (ValueError naming the field)."""
+    if "compile_layers" in model_cfg.kernels and parameters_sharded(accelerator):
+        raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
+                         "drop it from model.kernels")

@@ -43,14 +43,11 @@ def draw_shape(shape: str, colour: str, size: int, rng: random.Random) -> Image.
     return image
 
 
-def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
-                         seed: int = 0) -> tuple[Path, Path]:
-    """Write `train.json`, `eval.json` and `images/*.png` under `out_dir`; returns the two JSON paths.
-
-    Deterministic in `seed`; an existing complete set with the same parameters is reused."""
-    out_dir = Path(out_dir)
+def _write_split_files(out_dir: Path, params: dict, make_record, *, num_train: int, num_eval: int, image_size: int,
+                       seed: int) -> tuple[Path, Path]:
+    """`train.json`, `eval.json` and `images/*.png` under `out_dir`, one image per record; `make_record(id, image
+    name, shape, colour, question kind)` gives the record. An existing set with the same `params` is reused."""
     stamp = out_dir / "params.json"
-    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 3}
     train_path, eval_path = out_dir / "train.json", out_dir / "eval.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params and train_path.exists() and eval_path.exists():
         return train_path, eval_path
@@ -63,15 +60,45 @@ def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval
             shape, colour, kind = combos[i % len(combos)]
             name = f"{split}_{i:05d}.png"
             draw_shape(shape, colour, image_size, rng).save(out_dir / "images" / name)
-            records.append({
-                "id": f"{split}-{i}",
-                "image": name,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
-                    {"from": "gpt", "value": colour if kind == "colour" else shape},
-                ],
-            })
+            records.append(make_record(f"{split}-{i}", name, shape, colour, kind))
         rng.shuffle(records)
         path.write_text(json.dumps(records, indent=1))
     stamp.write_text(json.dumps(params))
     return train_path, eval_path
+
+
+def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
+                         seed: int = 0) -> tuple[Path, Path]:
+    """Write the SFT set (LLaVA records answering with the bare colour or shape) under `out_dir`; returns the
+    train and eval JSON paths. Deterministic in `seed`; an existing complete set with the same parameters is reused."""
+    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 3}
+
+    def record(sample_id, image, shape, colour, kind):
+        return {"id": sample_id, "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
+            {"from": "gpt", "value": colour if kind == "colour" else shape}]}
+
+    return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
+                              image_size=image_size, seed=seed)
+
+
+def chosen_reply(answer: str) -> str:
+    """The behaviour the DPO demo's pairs prefer: a full sentence instead of the bare word SFT taught."""
+    return f"It is {answer}."
+
+
+def write_shape_pairs(out_dir: str | Path, *, num_train: int = 1200, num_eval: int = 120, image_size: int = 56,
+                      seed: int = 1) -> tuple[Path, Path]:
+    """Write the DPO demo's pairs (the upstream DPO format) under `out_dir`: the same questions as the SFT set,
+    `chosen` = `chosen_reply(answer)` ("It is red."), `rejected` = the bare answer the SFT demo taught
+    ("red"). A model that answers with the chosen sentence after DPO has changed behaviour, checkably."""
+    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 1,
+              "kind": "pairs"}
+
+    def record(sample_id, image, shape, colour, kind):
+        answer = colour if kind == "colour" else shape
+        return {"id": sample_id, "image": image, "prompt": f"<image>\n{QUESTIONS[kind]}",
+                "chosen": chosen_reply(answer), "rejected": answer}
+
+    return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
+                              image_size=image_size, seed=seed)

@@ -13,6 +13,7 @@ every vision parameter is in the backward graph too.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +120,89 @@ class _RemovableHook:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+# ------------------------------------------------------------------------- one vision pass per unique medium
+_FEATURE_METHODS = {"image": ("get_image_features", "image_source"), "video": ("get_video_features", "video_source")}
+
+
+def vision_frozen(model) -> bool:
+    """True when nothing in the vision tower (merger included) trains -- no parameter, no adapter -- so its
+    features are the same for the policy and a reference built from it, at every step."""
+    unwrapped = getattr(model, "module", model)
+    visual = get_module(unwrapped, family_spec(unwrapped).vision_module)
+    return not any(p.requires_grad for p in visual.parameters())
+
+
+def _expanded(output, source: list[int]):
+    """`output` of get_*_features on the unique media, re-indexed per occurrence (pooler_output and, for
+    Qwen3.x, the DeepStack features are tuples with one tensor per medium)."""
+    picked = type(output)(**dict(output.items()))
+    picked.pooler_output = tuple(output.pooler_output[i] for i in source)
+    deepstack = getattr(output, "deepstack_features", None)
+    if deepstack is not None:
+        picked.deepstack_features = [tuple(level[i] for i in source) for level in deepstack]
+    return picked
+
+
+@contextlib.contextmanager
+def shared_media(model, batch: dict, features: dict | None = None):
+    """While active, the model's forward runs its vision tower once per UNIQUE image / video of `batch`.
+
+    Preference batches (vltrain.data.pairs.PairCollator) hold every medium once (`pixel_values`,
+    `pixel_values_videos`) but one grid per occurrence in the tokens (`image_grid_thw`, ...: a pair's
+    chosen and rejected sequences each show the prompt's images), with `image_source` / `video_source`
+    (num occurrences,) mapping every occurrence to its unique medium. The model's own
+    `get_image_features` / `get_video_features` (instance-patched for the duration: they run inside the
+    model's forward, where ZeRO-3 and FSDP2 gather the vision weights) run the tower on the unique media
+    and hand back per-occurrence features. A batch without the source keys passes through unchanged.
+
+    `features`: a dict to cache the unique features in; when it already holds them (a first forward of
+    the same batch filled it) the tower does not run at all. Only valid when the two forwards have the
+    same vision tower weights: a reference and a policy whose tower is frozen (`vision_frozen`).
+    """
+    unwrapped = getattr(model, "module", model)
+    inner = get_module(unwrapped, family_spec(unwrapped).vision_module.rpartition(".")[0])
+    nested = {"active": False}  # Qwen3.x get_video_features calls get_image_features itself
+    previous = {}
+
+    def wrap(kind: str, original, source_key: str):
+        source = batch.get(source_key)
+        source = None if source is None else [int(i) for i in source.tolist()]
+        unique_rows = None
+        if source is not None:
+            first: dict[int, int] = {}
+            for position, index in enumerate(source):
+                first.setdefault(index, position)
+            assert sorted(first) == list(range(len(first))), f"{source_key} must index media 0..n-1"
+            unique_rows = torch.tensor([first[i] for i in range(len(first))])
+
+        def patched(pixel_values, grid_thw=None, *args, **kwargs):
+            if nested["active"]:
+                return original(pixel_values, grid_thw, *args, **kwargs)
+            if features is not None and kind in features:
+                output = features[kind]
+            else:
+                nested["active"] = True
+                try:
+                    grid = grid_thw if unique_rows is None else grid_thw[unique_rows.to(grid_thw.device)]
+                    output = original(pixel_values, grid, *args, **kwargs)
+                finally:
+                    nested["active"] = False
+                if features is not None:
+                    features[kind] = output
+            return output if source is None else _expanded(output, source)
+
+        return patched
+
+    for kind, (method, source_key) in _FEATURE_METHODS.items():
+        previous[method] = inner.__dict__.get(method)
+        setattr(inner, method, wrap(kind, getattr(inner, method), source_key))
+    try:
+        yield
+    finally:
+        for method, value in previous.items():
+            if value is None:
+                delattr(inner, method)
+            else:
+                setattr(inner, method, value)

@@ -46,14 +46,20 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
     return DataLoader(dataset, batch_size=micro_batch_size, shuffle=shuffle, drop_last=False, **common)
 
 
+SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs")  # SFT records / DPO pairs (vltrain.synthetic)
+
+
 def resolve_synthetic_data(data_cfg, output_dir) -> None:
-    """`data.train_path: synthetic:shapes` (the demo): write the generated dataset under `output_dir/data` and
-    point `data.train_path`, `data.eval_path` and `data.image_folder` at it (in place). Call it on one process
-    first (the files are deterministic)."""
+    """`data.train_path: synthetic:shapes` (the SFT demo) or `synthetic:shape_pairs` (the DPO demo): write the
+    generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
+    `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
     if not data_cfg.train_path.startswith("synthetic:"):
         return
-    from vltrain.synthetic import write_shapes_dataset
+    from vltrain.synthetic import write_shape_pairs, write_shapes_dataset
 
-    train_path, eval_path = write_shapes_dataset(Path(output_dir) / "data")
+    if data_cfg.train_path not in SYNTHETIC_SETS:
+        raise ValueError(f"data.train_path={data_cfg.train_path!r}: the synthetic sets are {', '.join(SYNTHETIC_SETS)}")
+    write = write_shapes_dataset if data_cfg.train_path == "synthetic:shapes" else write_shape_pairs
+    train_path, eval_path = write(Path(output_dir) / "data")
     data_cfg.train_path, data_cfg.eval_path = str(train_path), str(eval_path)
     data_cfg.image_folder = str(Path(train_path).parent / "images")

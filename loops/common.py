@@ -1,0 +1,117 @@
+"""What every loop does around its step, shared so that no loop copies it (loops/sft.py, loops/dpo.py, ...).
+
+    run = prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader)   # before step 0
+    ... the loop's own step ...
+    stop = end_of_step(accelerator, run, preemption, skips, eval_fn)                        # after every step
+    report = data_report(accelerator, run, skips, truncations)                              # after the loop
+
+`prepare_run` builds the optimizer (parameter groups) and scheduler, prepares model / optimizer / loaders,
+resumes from `train.resume`, and prints the derived numbers before step 0. `end_of_step` asks every rank
+whether a signal arrived, evaluates every `train.eval_every` steps, writes checkpoints every
+`train.save_every` steps (and at once on a signal), and says whether to stop. `data_report` sums the data
+layer's skipped and truncated samples over the ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
+from vltrain.optim import build_optimizer, build_scheduler
+from vltrain.progress import TrainState, describe_run, total_steps
+from vltrain.tracking import format_step, peak_memory_gib, print0
+
+
+@dataclass
+class Run:
+    """The prepared objects of one training run and its state (checkpointed with every save)."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    train_loader: object
+    eval_loader: object
+    train_cfg: object
+    num_steps: int
+    state: TrainState
+    skipped_before: int  # skipped samples counted before a resume (all ranks)
+    bad_before: int  # non-finite steps counted before a resume
+
+
+def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None) -> Run:
+    """Optimizer + scheduler, `accelerator.prepare`, resume, and the banner (see the module docstring)."""
+    optimizer = build_optimizer(model, optim_cfg, cpu_offload=deepspeed_offloads_optimizer(accelerator))
+    fill_deepspeed_auto(accelerator, model, optim_cfg.max_grad_norm)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    ga = accelerator.gradient_accumulation_steps
+    num_steps, steps_per_epoch = total_steps(train_cfg, train_loader, ga)
+    scheduler = build_scheduler(optimizer, optim_cfg, num_steps)  # not prepared: loops step it once per step
+
+    state = TrainState()
+    resume_from = resolve_resume(train_cfg.resume, train_cfg.output_dir)
+    if resume_from is not None:
+        state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, scheduler))
+        print0(f"resumed from {resume_from} at step {state.step}")
+    print0(describe_run(train_loader, ga, accelerator.num_processes, num_steps, steps_per_epoch))
+    for group in optimizer.param_groups:
+        print0(f"  param group {group.get('name', '?'):<18} lr {group['lr']:.2e}  wd {group['weight_decay']}  "
+               f"params {sum(p.numel() for p in group['params']):,}")
+    return Run(model, optimizer, scheduler, train_loader, eval_loader, train_cfg, num_steps, state,
+               skipped_before=state.num_skipped, bad_before=state.num_bad_steps)
+
+
+def end_of_step(accelerator, run: Run, preemption, skips, eval_fn=None) -> str | None:
+    """After optimizer step `run.state.step`: maybe evaluate (`eval_fn(step)`), maybe checkpoint; returns the
+    signal's name when the run must stop now (a checkpoint was written), else None."""
+    tcfg, state = run.train_cfg, run.state
+    stop = preemption.requested(accelerator)  # collective, before eval: a preempted run saves at once
+    if (not stop and eval_fn is not None and run.eval_loader is not None and tcfg.eval_every
+            and state.step % tcfg.eval_every == 0 and state.step < run.num_steps):
+        eval_fn(state.step)
+    if stop or (tcfg.save_every and (state.step % tcfg.save_every == 0 or state.step == run.num_steps)):
+        state.num_skipped = run.skipped_before + sum_over_ranks(accelerator, skips.count)
+        save_checkpoint(accelerator, tcfg.output_dir, state.step, run.scheduler, state.to_dict(), tcfg.save_total_limit)
+    if not stop:
+        return None
+    name = preemption.signal_name or "signal"
+    print0(f"{name} received: stopped after step {state.step}, checkpoint written; resume with train.resume=auto")
+    return name
+
+
+def data_report(accelerator, run: Run, skips, truncations: list[dict]) -> dict:
+    """{"num_skipped", "skipped", "truncated"} over every rank (skips counted before a resume included)."""
+    num_skipped = run.skipped_before + sum_over_ranks(accelerator, skips.count)
+    skipped = {**skips.summary(), "num_skipped": num_skipped,
+               "records": gather_lists(accelerator, skips.summary()["records"])}
+    if num_skipped:
+        print0(f"skipped {num_skipped} sample(s) that could not be used (see warnings above)")
+    truncated = {"num_truncated": sum_over_ranks(accelerator, len(truncations)),
+                 "records": gather_lists(accelerator, truncations[:100])[:100]}
+    if truncated["num_truncated"]:
+        print0(f"truncated {truncated['num_truncated']} sample(s) to data.max_seq_length (see warnings above)")
+    return {"num_skipped": num_skipped, "skipped": skipped, "truncated": truncated}
+
+
+def next_micro_batches(batches, state: TrainState, count: int) -> list[dict]:
+    """The next `count` micro-batches of `resumable_batches`, advancing the state's data position."""
+    micro_batches = []
+    for _ in range(count):
+        state.epoch, index, batch = next(batches)
+        micro_batches.append(batch)
+    state.next_batch = index + 1
+    return micro_batches
+
+
+def log_step(accelerator, run: Run, bar, metrics: dict, stepped: bool) -> None:
+    """Every `train.log_every` steps (and the last): trackers + one fixed-format line above the progress bar."""
+    step = run.state.step
+    if step % run.train_cfg.log_every and step != run.num_steps:
+        return
+    metrics = {**metrics, "lr": run.scheduler.get_last_lr()[0], "memory_gib": peak_memory_gib(accelerator.device),
+               "epoch": run.state.epoch}
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        bar.write(format_step(step, run.num_steps, metrics) + ("" if stepped else " | skipped (non-finite)"))
