@@ -41,9 +41,9 @@ Reported per run (one table line, and every field in `--out` JSON):
   sequences of every pair with the pair's image encoded once, plus the reference's forward (a third of a
   full-mode forward + backward) over the same. The same FLOP figure for both tools, so MFU ratios are
   throughput ratios; the vision work a tool repeats is reported separately:
-- vision-tower work per pair: calls, images (grid rows: a dummy video a tool appends to image-only batches
-  counts too) and patches that reach the tower (forward hooks on every vision tower -- policy and reference
-  together), per pair of the first timed step.
+- vision-tower work per pair of the first timed step: calls, and the images and patches of the data that
+  reach the tower (forward hooks on every vision tower -- policy and reference together); the one-token
+  dummy video vltrain runs for image-only batches (so every rank runs both paths) is counted apart.
 - peak memory (torch.cuda.max_memory_allocated, reset after the models are placed and before the first
   step), first-step loss (sigmoid DPO with policy == reference starts at log 2 = 0.693: a correctness check),
   or "OOM" (caught, memory freed, the next run goes on).
@@ -249,24 +249,25 @@ def vision_towers(*models) -> list[torch.nn.Module]:
 
 
 class WorkCounter:
-    """Forward hooks counting, during one step, what reaches the vision towers (calls; images = grid rows, a
-    dummy video a tool appends included; patches) and, given `policy`, the tokens its training forwards run
-    (non-pad, and rows x length). Counts stay tensors until `totals()`: the hooks add no host sync."""
+    """Forward hooks counting, during one step, what reaches the vision towers and, given `policy`, the
+    tokens its training forwards run (non-pad, and rows x length). Vision: calls (all, and those with the
+    data's media), and the grid rows (images) and patches of the data's media; a one-merged-token grid (1, merge, merge) is counted apart as a dummy
+    (vltrain.vision's dummy image / video for a batch without that modality; every benchmark image is larger).
+    Counts stay tensors until `totals()`: the hooks add no host sync to the timed step."""
 
-    def __init__(self, towers, policy=None):
+    def __init__(self, towers, merge_size: int, policy=None):
+        self.dummy = [1, merge_size, merge_size]
         self.handles = [t.register_forward_hook(self._vision, with_kwargs=True) for t in towers]
         if policy is not None:
             self.handles.append(policy.register_forward_pre_hook(self._tokens, with_kwargs=True))
         self.reset()
 
     def reset(self):
-        self.calls, self.images, self.patches, self.tokens, self.padded = 0, 0, [], [], 0
+        self.calls, self.grids, self.tokens, self.padded = 0, [], [], 0
 
     def _vision(self, module, args, kwargs, output):
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self.calls += 1
-        self.images += len(grid)
-        self.patches.append(grid.prod(-1).sum())
+        self.grids.append(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
 
     def _tokens(self, module, args, kwargs):
         if not torch.is_grad_enabled():  # the reference's forward (TRL LoRA runs it through the same module)
@@ -278,8 +279,12 @@ class WorkCounter:
         self.tokens.append(mask.sum() if mask is not None else torch.tensor(ids.numel()))
 
     def totals(self) -> dict:
-        return {"vision_calls": self.calls, "vision_images": self.images,
-                "vision_patches": int(sum(int(p) for p in self.patches)),
+        calls = [grid.tolist() for grid in self.grids]
+        rows = [row for call in calls for row in call]
+        media = [row for row in rows if row != self.dummy]
+        return {"vision_calls": self.calls, "vision_media_calls": sum(any(r != self.dummy for r in c) for c in calls),
+                "vision_images": len(media),
+                "vision_patches": sum(math.prod(row) for row in media), "vision_dummies": len(rows) - len(media),
                 "tool_tokens": int(sum(int(t) for t in self.tokens)), "tool_padded_tokens": self.padded}
 
     def remove(self):
@@ -323,7 +328,8 @@ def run_trl(mode: str, gc_on: bool, args, work: Path, records, device) -> dict:
     timer = _StepTimer(device, TrainerCallback, args.warmup)
     trainer = DPOTrainer(model=model, args=config, train_dataset=trl_dataset(records, work / "data" / "images"),
                          processing_class=processor, peft_config=peft_config, callbacks=[timer.callback])
-    counter = WorkCounter(vision_towers(trainer.model, trainer.ref_model), _base(trainer.model))
+    counter = WorkCounter(vision_towers(trainer.model, trainer.ref_model), model.config.vision_config.spatial_merge_size,
+                          policy=_base(trainer.model))
     timer.counter = counter
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if cuda:
@@ -416,7 +422,8 @@ def run_vltrain(mode: str, gc_on: bool, args, work: Path, records, device) -> di
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=cuda)
     model, opt = accelerator.prepare(built.model, opt)
     reference.prepare(accelerator, model)
-    counter = WorkCounter(vision_towers(model, reference.module))  # tokens: counted on the batches below
+    counter = WorkCounter(vision_towers(model, reference.module),  # tokens: counted on the batches below
+                          built.model.config.vision_config.spatial_merge_size)
     model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -491,8 +498,10 @@ def run_one(spec: str, args, work: Path, records, pair_sizes, flops, device, cei
             peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
             first_loss=out["losses"][0] if out["losses"] else float("nan"), losses=out["losses"],
             vision_calls_per_pair=out["vision_calls"] / args.pairs,
+            vision_media_calls_per_pair=out["vision_media_calls"] / args.pairs,
             vision_images_per_pair=out["vision_images"] / args.pairs,
             vision_patches_per_pair=out["vision_patches"] / args.pairs,
+            vision_dummies_per_pair=out["vision_dummies"] / args.pairs,
             patches_per_pair=sum(p["patches"] for p in pair_sizes) / args.pairs,
             **{k: v for k, v in out.items() if k not in ("times", "walls", "losses")},
             times=out["times"],
@@ -519,7 +528,7 @@ def format_line(r: dict) -> str:
         return f"{head} {r['error']} (peak {r['peak_gib']:.1f} GiB)"
     return (f"{head} {r['pairs_per_s']:7.2f} pairs/s ({r['wall_pairs_per_s']:6.2f} wall)  {r['tokens_per_s']:8.0f} tok/s  "
             f"MFU {r['mfu']:6.1%}  peak {r['peak_gib']:5.1f} GiB  step {r['step_s']:.2f}s  "
-            f"vision/pair: {r['vision_calls_per_pair']:.2f} calls {r['vision_images_per_pair']:.1f} img "
+            f"vision/pair: {r['vision_media_calls_per_pair']:.2f} calls {r['vision_images_per_pair']:.1f} img "
             f"{r['vision_patches_per_pair']:.0f} patches  loss0 {r['first_loss']:.4f}")
 
 
