@@ -71,9 +71,9 @@ def reference_cache(cfg: DPOConfig, data_path: str, split: str) -> Path:
     return folder / f"{split}-{Path(data_path).stem}-{digest}.json"
 
 
-def generation_check(accelerator, model, processor, pairs, media, data, *, label: str) -> dict:
+def generation_check(accelerator, model, processor, pairs, media, data, *, label: str, path: Path) -> dict:
     """Greedy answers to the held-out prompts (each rank its share), counted as the chosen reply, the rejected
-    reply or neither (exact match, stripped)."""
+    reply or neither (exact match, stripped); every answer is written to `path` (JSONL)."""
     from vltrain.generation import GenerationSettings, generate
 
     mine = pairs[accelerator.process_index:: accelerator.num_processes]
@@ -83,11 +83,13 @@ def generation_check(accelerator, model, processor, pairs, media, data, *, label
     records = gather_lists(accelerator, [
         {"id": p.sample_id, "reply": r.text.strip(), "chosen": r.text.strip() == p.chosen.strip(),
          "rejected": r.text.strip() == p.rejected.strip()} for p, r in zip(mine, replies)])
+    if accelerator.is_main_process:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     n = max(1, len(records))
     out = {"chosen": sum(r["chosen"] for r in records) / n, "rejected": sum(r["rejected"] for r in records) / n,
            "num_prompts": len(records), "examples": records[:5]}
     print0(f"greedy answers {label}: {out['chosen']:.1%} give the chosen reply, {out['rejected']:.1%} the rejected "
-           f"one ({len(records)} held-out prompts)")
+           f"one ({len(records)} held-out prompts; answers in {path})")
     return out
 
 
@@ -154,9 +156,10 @@ def main(cfg: DPOConfig) -> dict:
             with result.reference() as ref_model:
                 summary["generations_before"] = generation_check(
                     accelerator, accelerator.unwrap_model(ref_model), built.processor, pairs, media, data,
-                    label="before DPO (the reference)")
+                    label="before DPO (the reference)", path=Path(cfg.train.output_dir) / "generations_before.jsonl")
         summary["generations_after"] = generation_check(accelerator, accelerator.unwrap_model(result.model),
-                                                        built.processor, pairs, media, data, label="after DPO")
+                                                        built.processor, pairs, media, data, label="after DPO",
+                                                        path=Path(cfg.train.output_dir) / "generations_after.jsonl")
     if result.eval_metrics:
         first, last = result.eval_metrics[0], result.eval_metrics[-1]
         print0(f"held-out preference accuracy: {first[1]['rewards/accuracy']:.1%} at step {first[0]} -> "
