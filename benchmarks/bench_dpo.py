@@ -25,7 +25,7 @@ Runs (`--runs`, comma-separated `tool:mode[:gcN]`):
             tokens (each image's pixels once), kernels "all", `loops.dpo.dpo_loss`, reference from
             `vltrain.build.build_reference` (frozen copy; LoRA: the policy with adapters off).
 Modes: full (everything trains) or lora (r64 / alpha 128 / dropout 0.05 on the LLM linears, the rest
-frozen). `gc1` (default) is non-reentrant gradient checkpointing on every layer, `gc0` off.
+frozen; TRL runs with `disable_dropout=False` so that its LoRA dropout is the same 0.05, not zeroed). `gc1` (default) is non-reentrant gradient checkpointing on every layer, `gc0` off.
 
 Reported per run (one table line, and every field in `--out` JSON):
 - pairs/s and real tokens/s over the median timed step (`step_s`: GPU-synchronised, from the start of the
@@ -324,6 +324,7 @@ def run_trl(mode: str, gc_on: bool, args, work: Path, records, device) -> dict:
         gradient_checkpointing=gc_on, gradient_checkpointing_kwargs={"use_reentrant": False} if gc_on else None,
         beta=BETA, loss_type=["sigmoid"], max_length=None, report_to="none", save_strategy="no", logging_steps=1,
         dataloader_num_workers=args.num_workers, disable_tqdm=True, seed=0,
+        disable_dropout=False,  # its default zeroes every dropout, LoRA's 0.05 too; vltrain keeps it
     )
     timer = _StepTimer(device, TrainerCallback, args.warmup)
     trainer = DPOTrainer(model=model, args=config, train_dataset=trl_dataset(records, work / "data" / "images"),

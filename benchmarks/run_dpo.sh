@@ -37,8 +37,8 @@ bench() {  # NAME RUN_SPEC MAX_SECONDS
 timeout -k 10 200 $B --prepare_only > "$OUT/dpo_prepare.log" 2>&1 || echo "prepare failed (rc $?)" >> "$OUT/dpo_prepare.log"
 show < "$OUT/dpo_prepare.log"
 case "$STAGE" in
-all)  bench trl_full trl:full 140; bench vltrain_full vltrain:full 110
-      bench trl_lora trl:lora 140; bench vltrain_lora vltrain:lora 110 ;;
+all)  bench trl_full trl:full 150; bench vltrain_full vltrain:full 90
+      bench trl_lora trl:lora 150; bench vltrain_lora vltrain:lora 90 ;;
 full) bench trl_full trl:full 200; bench vltrain_full vltrain:full 160 ;;
 lora) bench trl_lora trl:lora 200; bench vltrain_lora vltrain:lora 160 ;;
 *) echo "unknown stage $STAGE (want all, full or lora)"; exit 2 ;;
