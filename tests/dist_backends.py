@@ -54,6 +54,7 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
         # inference_all_reduce only; ZeRO training never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
+    import loops.common as common
     import loops.sft as loop
     from vltrain.vision import batch_has_media
     import recipes.sft as recipe
@@ -120,9 +121,9 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
     real_build_loader, real_sft_loss, real_train = recipe.build_loader, loop.sft_loss, recipe.train
     real_optimizer_step = loop.optimizer_step
     loop.optimizer_step = optimizer_step_recording
-    real_build_scheduler = loop.build_scheduler
+    real_build_scheduler = common.build_scheduler  # the loops' shared prepare_run builds the scheduler
     recipe.build_loader, recipe.train = build_loader_unshuffled, train_and_capture
-    loop.sft_loss, loop.build_scheduler = sft_loss_recording, build_scheduler_after_prepare
+    loop.sft_loss, common.build_scheduler = sft_loss_recording, build_scheduler_after_prepare
 
     cfg = sft_config(Path(out).parent, "qwen2_5_vl", data, **{
         "train.max_steps": 4, "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2,

@@ -2,14 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.config import SFTConfig, dump_config, load_config
+from vltrain.config import DPOConfig, SFTConfig, dump_config, load_config
 
 from conftest import REPO
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(SFTConfig, path, [] if path.name == "demo.yaml" else ["data.train_path=x.json"])
+    cls = DPOConfig if path.name.startswith("dpo") else SFTConfig
+    cfg = load_config(cls, path, [] if "demo" in path.name else ["data.train_path=x.json"])
     assert cfg.model.name_or_path
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), "each shipped config opens with a comment"
