@@ -12,7 +12,7 @@ builds its reference model from the policy's path, so a config-only model does n
 
 Data: `--pairs` seeded synthetic pairs, each with one random-noise PNG of one of several sizes, a prompt of
 50-300 words and chosen / rejected answers of 50-400 words each (words from the tiny tokenizer's corpus,
-about one token each). vltrain reads them as an upstream-format DPO JSON file (vltrain.data.pairs); TRL gets
+about one token each; the tiny preset: 10-40 and 10-60 words, smaller images). vltrain reads them as an upstream-format DPO JSON file (vltrain.data.pairs); TRL gets
 the same records as a `datasets.Dataset` in its conversational vision format ("images": [PIL image],
 "prompt": [user message], "chosen" / "rejected": [assistant message]). One optimizer step = every pair once
 (gradient accumulation over micro-batches) for both tools; sigmoid DPO, beta 0.1, lr 1e-5, torch AdamW
@@ -25,7 +25,8 @@ Runs (`--runs`, comma-separated `tool:mode[:gcN]`):
             tokens (each image's pixels once), kernels "all", `loops.dpo.dpo_loss`, reference from
             `vltrain.build.build_reference` (frozen copy; LoRA: the policy with adapters off).
 Modes: full (everything trains) or lora (r64 / alpha 128 / dropout 0.05 on the LLM linears, the rest
-frozen; TRL runs with `disable_dropout=False` so that its LoRA dropout is the same 0.05, not zeroed). `gc1` (default) is non-reentrant gradient checkpointing on every layer, `gc0` off.
+frozen; TRL runs with `disable_dropout=False` so that its LoRA dropout is the same 0.05, not zeroed).
+`gc1` (default) is non-reentrant gradient checkpointing on every layer, `gc0` off.
 
 Reported per run (one table line, and every field in `--out` JSON):
 - pairs/s and real tokens/s over the median timed step (`step_s`: GPU-synchronised, from the start of the
@@ -251,9 +252,10 @@ def vision_towers(*models) -> list[torch.nn.Module]:
 class WorkCounter:
     """Forward hooks counting, during one step, what reaches the vision towers and, given `policy`, the
     tokens its training forwards run (non-pad, and rows x length). Vision: calls (all, and those with the
-    data's media), and the grid rows (images) and patches of the data's media; a one-merged-token grid (1, merge, merge) is counted apart as a dummy
-    (vltrain.vision's dummy image / video for a batch without that modality; every benchmark image is larger).
-    Counts stay tensors until `totals()`: the hooks add no host sync to the timed step."""
+    data's media), and the grid rows (images) and patches of the data's media; a one-merged-token grid
+    (1, merge, merge) is counted apart as a dummy (vltrain.vision's dummy image / video for a batch without
+    that modality; every benchmark image is larger). Counts stay tensors until `totals()`: the hooks add no
+    host sync to the timed step."""
 
     def __init__(self, towers, merge_size: int, policy=None):
         self.dummy = [1, merge_size, merge_size]
@@ -339,7 +341,7 @@ def run_trl(mode: str, gc_on: bool, args, work: Path, records, device) -> dict:
         trainer.train()
     finally:
         counter.remove()
-    out = timer.result(args.warmup) | {"trainable_params": trainable}
+    out = timer.result(args.warmup) | {"trainable_params": trainable, "micro_batches": config.gradient_accumulation_steps}
     del trainer, model
     return out
 
@@ -458,7 +460,8 @@ def run_vltrain(mode: str, gc_on: bool, args, work: Path, records, device) -> di
     finally:
         counter.remove()
     out = {"times": times[args.warmup:], "walls": walls[args.warmup:], "losses": losses,
-           "micro_batches": len(batches), "trainable_params": sum(p.numel() for p in params), "kernels": list(getattr(built.model, "_vltrain_kernels", [])), **counts}
+           "micro_batches": len(batches), "trainable_params": sum(p.numel() for p in params),
+           "kernels": list(getattr(built.model, "_vltrain_kernels", [])), **counts}
     del model, opt, reference, built, batches, loader
     accelerator.free_memory()
     return out
@@ -573,8 +576,9 @@ def main(argv=None):
     specs = args.runs.split(",")
     for spec in specs:
         parse_spec(spec)
-    if args.preset not in PRESETS and args.preset != "tiny_qwen2_5_vl":
-        raise ValueError(f"--preset {args.preset!r}: want tiny_qwen2_5_vl or one of {sorted(PRESETS)}")
+    qwen2_5 = sorted(name for name, p in PRESETS.items() if p["model_type"] == "qwen2_5_vl")
+    if args.preset not in qwen2_5 + ["tiny_qwen2_5_vl"]:  # the processor, image sizes and LoRA targets are Qwen2.5-VL's
+        raise ValueError(f"--preset {args.preset!r}: want tiny_qwen2_5_vl or one of {qwen2_5}")
     if args.steps < 1 or args.warmup < 0 or args.pairs < 1:
         raise ValueError("--steps must be >= 1, --warmup >= 0 and --pairs >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

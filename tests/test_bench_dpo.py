@@ -35,8 +35,8 @@ def test_bench_dpo_trl_and_vltrain_on_a_tiny_preset(tmp_path):
     for r in (trl, vltrain):
         assert r["ok"], r.get("detail", r.get("error"))
         for key in ("pairs_per_s", "wall_pairs_per_s", "tokens_per_s", "step_s", "mfu", "peak_gib", "first_loss",
-                    "vision_calls_per_pair", "vision_media_calls_per_pair", "vision_images_per_pair", "vision_patches_per_pair", "real_tokens",
-                    "tool_tokens", "losses"):
+                    "vision_calls_per_pair", "vision_media_calls_per_pair", "vision_images_per_pair",
+                    "vision_patches_per_pair", "real_tokens", "tool_tokens", "losses"):
             assert key in r, (r["run"], key)
         assert r["pairs_per_s"] > 0 and len(r["losses"]) == 2  # warm-up + one timed step
         # sigmoid DPO with policy == reference: -log sigmoid(0) at the first step
