@@ -326,3 +326,26 @@ def test_demo_learns_the_chosen_behaviour(tmp_path):
     assert summary["generations_before"]["chosen"] <= 0.05 and summary["generations_before"]["rejected"] >= 0.8
     assert summary["generations_after"]["chosen"] >= 0.80, summary["generations_after"]
     assert "greedy answers after DPO" in proc.stdout and f"model: {tmp_path / 'dpo' / 'final'}" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_gpu_shared_vision_with_kernels_matches_the_duplicated_images_path(model_type, pair_data):
+    """bf16 on CUDA with packing and every kernel: the one-pass batch gives the log-probs of the peers' path."""
+    from vltrain.config import LoraConfig, ModelConfig, TrainableConfig
+
+    built = build_model(ModelConfig(name_or_path=f"tiny:{model_type}", dtype="bfloat16", attn_implementation="sdpa",
+                                    kernels=["all"]), TrainableConfig(freeze_vision_tower=True), LoraConfig(), packing=True)
+    model = built.model.cuda()
+    ds = _dataset(model_type, built.processor, pair_data)
+    batch = _collate(model, built.processor, True)([ds[i] for i in range(4)])
+    naive = {k: v for k, v in batch.items() if k not in ("image_source", "video_source")} | expand_media(batch)
+    on_gpu = lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    reference = build_reference(model).prepare(Accelerator())
+    loss, stats = dpo_loss(model, on_gpu(batch), DPOSection(), reference, num_pairs=4)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(math.log(2), abs=1e-3)
+    with torch.no_grad():
+        shared, plain = pair_logps(model, on_gpu(batch)), pair_logps(model, on_gpu(naive))
+    torch.testing.assert_close(shared.chosen, plain.chosen, atol=0.05, rtol=0.01)
+    torch.testing.assert_close(shared.rejected, plain.rejected, atol=0.05, rtol=0.01)
