@@ -565,7 +565,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--trl_micro_batch", type=int, default=2, help="pairs per TRL micro-batch")
-    ap.add_argument("--token_budget", type=int, default=16384, help="tokens per vltrain micro-batch (packed)")
+    ap.add_argument("--token_budget", type=int, default=8192, help="tokens per vltrain micro-batch (packed)")
     ap.add_argument("--num_workers", type=int, default=2, help="DataLoader workers, both tools")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="model + data folder, reused by later calls with the same "

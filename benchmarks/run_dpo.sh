@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DPO benchmark on the device machine (benchmarks/bench_dpo.py): vltrain against TRL's DPOTrainer on the
 # Qwen2.5-VL-3B architecture (random init), full and LoRA, one GPU, the same pairs; JSON and logs go to $OUT.
-#   bash benchmarks/run_dpo.sh           # trl:full, vltrain:full, trl:lora, vltrain:lora (about 5-8 min)
+#   bash benchmarks/run_dpo.sh           # trl:full + vltrain:full in one process, then the LoRA pair (about 5 min)
 #   bash benchmarks/run_dpo.sh full      # the full-FT pair only;  `lora`: the LoRA pair only
 #   PAIRS=16 STEPS=3 BUDGET=540 PRESET=qwen2_5_vl_3b bash benchmarks/run_dpo.sh    (the defaults)
 #   SKIP_INSTALL=1 PRESET=tiny_qwen2_5_vl PAIRS=4 STEPS=1 bash benchmarks/run_dpo.sh full   (a CPU check of the script)
@@ -37,16 +37,15 @@ bench() {  # NAME RUN_SPEC MAX_SECONDS
 timeout -k 10 200 $B --prepare_only > "$OUT/dpo_prepare.log" 2>&1 || echo "prepare failed (rc $?)" >> "$OUT/dpo_prepare.log"
 show < "$OUT/dpo_prepare.log"
 case "$STAGE" in
-all)  bench trl_full trl:full 150; bench vltrain_full vltrain:full 90
-      bench trl_lora trl:lora 150; bench vltrain_lora vltrain:lora 90 ;;
-full) bench trl_full trl:full 200; bench vltrain_full vltrain:full 160 ;;
-lora) bench trl_lora trl:lora 200; bench vltrain_lora vltrain:lora 160 ;;
+all)  bench same_full trl:full,vltrain:full 250; bench same_lora trl:lora,vltrain:lora 250 ;;  # each pair in one process
+full) bench same_full trl:full,vltrain:full 280 ;;
+lora) bench same_lora trl:lora,vltrain:lora 280 ;;
 *) echo "unknown stage $STAGE (want all, full or lora)"; exit 2 ;;
 esac
 # One JSON list of every run that finished (a timed-out run has no JSON; its log says so).
 python - "$OUT" <<'EOF'
 import glob, json, sys
-runs = [r for path in sorted(glob.glob(f"{sys.argv[1]}/dpo_*_*.json")) for r in json.load(open(path))]
+runs = [r for path in sorted(glob.glob(f"{sys.argv[1]}/dpo_same_*.json")) for r in json.load(open(path))]
 json.dump(runs, open(f"{sys.argv[1]}/dpo_3b.json", "w"), indent=1)
 by = {(r["tool"], r["mode"]): r for r in runs if r.get("ok")}
 for mode in ("full", "lora"):
