@@ -349,3 +349,31 @@ def test_gpu_shared_vision_with_kernels_matches_the_duplicated_images_path(model
         shared, plain = pair_logps(model, on_gpu(batch)), pair_logps(model, on_gpu(naive))
     torch.testing.assert_close(shared.chosen, plain.chosen, atol=0.05, rtol=0.01)
     torch.testing.assert_close(shared.rejected, plain.rejected, atol=0.05, rtol=0.01)
+
+
+@pytest.mark.slow
+def test_zero3_dpo_matches_ddp_with_a_sharded_reference(tmp_path, pair_data):
+    """2 CPU processes: ZeRO-3 (policy and frozen reference partitioned) trains like DDP, pair for pair."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    model, processor = build_tiny("qwen2_5_vl")  # one saved model: ZeRO-3 and DDP start from the same weights
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    runs = {}
+    for backend in ("ddp", "zero3"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / backend
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(REPO / "tests" / "dist_dpo.py"), backend, str(pair_data), str(out),
+               f"model.name_or_path={tmp_path / 'tiny'}", "train.max_steps=3", "train.micro_batch_size=1",
+               "data.packing=true", "optim.lr=1e-2", "optim.max_grad_norm=0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs[backend] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert runs["zero3"][0]["reference"] == "DeepSpeedEngine" and runs["ddp"][0]["reference"] != "DeepSpeedEngine"
+    assert runs["zero3"][0]["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert runs["zero3"][0]["losses"] == pytest.approx(runs["ddp"][0]["losses"], rel=1e-4, abs=1e-5)
+    assert runs["zero3"][0]["losses"][-1] < runs["zero3"][0]["losses"][0]
