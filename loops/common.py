@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
+from vltrain.faults import optimizer_step
 from vltrain.optim import build_optimizer, build_scheduler
 from vltrain.progress import TrainState, describe_run, total_steps
 from vltrain.tracking import format_step, peak_memory_gib, print0
@@ -115,3 +116,18 @@ def log_step(accelerator, run: Run, bar, metrics: dict, stepped: bool) -> None:
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
         bar.write(format_step(step, run.num_steps, metrics) + ("" if stepped else " | skipped (non-finite)"))
+
+
+def finish_step(accelerator, run: Run, guard, max_grad_norm: float, step_loss, sample_ids: list) -> tuple[float, object, bool]:
+    """After the step's micro-batches: the guarded optimizer step (vltrain.faults), the step counter and the loss
+    history. Returns (the step's loss summed over ranks, grad norm, whether the update was applied)."""
+    assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation counter"
+    state = run.state
+    grad_norm, stepped = optimizer_step(accelerator, run.model, run.optimizer, run.scheduler,
+                                        max_grad_norm=max_grad_norm, loss=step_loss, guard=guard,
+                                        step=state.step + 1, sample_ids=sample_ids)
+    state.step += 1
+    state.num_bad_steps = run.bad_before + guard.num_bad_steps
+    loss = accelerator.reduce(step_loss, "sum").item()
+    state.losses.append(loss)
+    return loss, grad_norm, stepped

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loops.common import data_report, end_of_step, log_step, next_micro_batches, prepare_run
+from loops.common import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
-from vltrain.faults import NonFiniteGuard, Preemption, backward, optimizer_step
+from vltrain.faults import NonFiniteGuard, Preemption, backward
 from vltrain.logprobs import sequence_logprobs
 from vltrain.preference import PairLogps, needs_reference, preference_loss
 from vltrain.progress import resumable_batches
@@ -191,7 +191,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
                          "vltrain.build.build_reference(model, model_cfg)")
     skips = SkipLedger(max_bad_fraction, max(1, len(train_loader.dataset) // world))
     run = prepare_run(accelerator, model, train_loader, tcfg, optim_cfg, eval_loader)
-    model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
+    model, state = run.model, run.state
     reference = reference.prepare(accelerator, model) if uses_reference else None
 
     tables: dict[str, dict] = {}
@@ -238,14 +238,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
                     step_loss += loss.detach()
                 for name, values in stats.items():
                     sums[name] += values.sum()
-            assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation counter"
-            grad_norm, stepped = optimizer_step(accelerator, model, optimizer, scheduler,
-                                                max_grad_norm=optim_cfg.max_grad_norm, loss=step_loss, guard=guard,
-                                                step=state.step + 1, sample_ids=pair_ids)
-            state.step += 1
-            state.num_bad_steps = run.bad_before + guard.num_bad_steps
-            step_loss = accelerator.reduce(step_loss, "sum").item()
-            state.losses.append(step_loss)
+            step_loss, grad_norm, stepped = finish_step(accelerator, run, guard, optim_cfg.max_grad_norm, step_loss,
+                                                        pair_ids)
             result.losses.append(step_loss)
             means = _pair_means(accelerator, sums, num_pairs)
             result.metrics.append(means)

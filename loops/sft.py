@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from loops.common import data_report, end_of_step, log_step, next_micro_batches, prepare_run
+from loops.common import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
-from vltrain.faults import NonFiniteGuard, Preemption, backward, optimizer_step
+from vltrain.faults import NonFiniteGuard, Preemption, backward
 from vltrain.progress import model_inputs, resumable_batches
 from vltrain.tracking import print0
 from vltrain.vision import complete_modalities, link_dummy_features
@@ -98,7 +98,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
     assert ga == tcfg.gradient_accumulation_steps, "build the Accelerator with the config's accumulation steps"
     skips = SkipLedger(max_bad_fraction, max(1, len(train_loader.dataset) // accelerator.num_processes))
     run = prepare_run(accelerator, model, train_loader, tcfg, optim_cfg, eval_loader)
-    model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
+    model, state = run.model, run.state
     world = accelerator.num_processes
 
     result = TrainResult(step=state.step, model=model)
@@ -126,14 +126,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
                     # the gradient is that of the global token mean.
                     backward(accelerator, model, loss * ga * world)
                     step_loss += loss.detach()
-            assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation counter"
-            grad_norm, stepped = optimizer_step(accelerator, model, optimizer, scheduler,
-                                                max_grad_norm=optim_cfg.max_grad_norm, loss=step_loss, guard=guard,
-                                                step=state.step + 1, sample_ids=sample_ids)
-            state.step += 1
-            state.num_bad_steps = run.bad_before + guard.num_bad_steps
-            step_loss = accelerator.reduce(step_loss, "sum").item()
-            state.losses.append(step_loss)
+            step_loss, grad_norm, stepped = finish_step(accelerator, run, guard, optim_cfg.max_grad_norm, step_loss,
+                                                        sample_ids)
             result.losses.append(step_loss)
             tokens_per_s = (accelerator.reduce(torch.tensor(real_tokens, device=accelerator.device), "sum").item()
                             / (time.perf_counter() - t0))

@@ -16,18 +16,17 @@ import hashlib
 import json
 from pathlib import Path
 
-from accelerate.utils import set_seed
 
 from loops.dpo import train
 from vltrain.build import build_model, build_reference
 from vltrain.checkpoint import export_model
 from vltrain.config import DPOConfig, MediaConfig
-from vltrain.data.loader import build_loader, resolve_synthetic_data
+from vltrain.data.loader import build_loader
 from vltrain.data.media import MediaOptions
 from vltrain.data.pairs import PairCollator, PairDataset, load_pairs
-from vltrain.distributed import build_accelerator, check_kernels_supported, gather_lists
+from vltrain.distributed import gather_lists
 from vltrain.preference import needs_reference
-from vltrain.run import finish_run, parse_config, run_recipe, start_run
+from vltrain.run import finish_run, open_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
 
 
@@ -94,15 +93,8 @@ def generation_check(accelerator, model, processor, pairs, media, data, *, label
 
 
 def main(cfg: DPOConfig) -> dict:
-    accelerator = build_accelerator(cfg.train)
-    check_kernels_supported(accelerator, cfg.model)
-    set_seed(cfg.train.seed)
+    accelerator, records = open_run(cfg, load_pairs)  # every record checked before the model loads
     data = cfg.data
-    with accelerator.main_process_first():
-        resolve_synthetic_data(data, cfg.train.output_dir)
-    records = {"train": load_pairs(data.train_path)}  # every record checked before the model loads
-    if data.eval_path:
-        records["eval"] = load_pairs(data.eval_path)
     if cfg.dpo.precompute_ref_log_probs:
         for split, pairs in records.items():
             seen = set()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from accelerate.utils import set_seed
 
 from loops.sft import train
 from vltrain.build import build_model
@@ -21,10 +20,10 @@ from vltrain.checkpoint import export_model
 from vltrain.config import SFTConfig
 from vltrain.data.dataset import SFTDataset
 from vltrain.data.formats import load_conversations
-from vltrain.data.loader import build_loader, resolve_synthetic_data
+from vltrain.data.loader import build_loader
 from vltrain.data.media import MediaOptions
-from vltrain.distributed import build_accelerator, check_kernels_supported, gather_lists
-from vltrain.run import finish_run, parse_config, run_recipe, start_run
+from vltrain.distributed import gather_lists
+from vltrain.run import finish_run, open_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
 
 
@@ -33,15 +32,8 @@ def setup(argv: list[str]) -> SFTConfig:
 
 
 def main(cfg: SFTConfig) -> dict:
-    accelerator = build_accelerator(cfg.train)
-    check_kernels_supported(accelerator, cfg.model)
-    set_seed(cfg.train.seed)
+    accelerator, records = open_run(cfg, load_conversations)  # every record checked before the model loads
     data = cfg.data
-    with accelerator.main_process_first():
-        resolve_synthetic_data(data, cfg.train.output_dir)
-    records = {"train": load_conversations(data.train_path)}  # every record checked before the model loads
-    if data.eval_path:
-        records["eval"] = load_conversations(data.eval_path)
     start_run(accelerator, cfg, "sft")
 
     built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device)

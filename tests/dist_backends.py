@@ -119,8 +119,8 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
         return grad_norm, stepped
 
     real_build_loader, real_sft_loss, real_train = recipe.build_loader, loop.sft_loss, recipe.train
-    real_optimizer_step = loop.optimizer_step
-    loop.optimizer_step = optimizer_step_recording
+    real_optimizer_step = common.optimizer_step
+    common.optimizer_step = optimizer_step_recording
     real_build_scheduler = common.build_scheduler  # the loops' shared prepare_run builds the scheduler
     recipe.build_loader, recipe.train = build_loader_unshuffled, train_and_capture
     loop.sft_loss, common.build_scheduler = sft_loss_recording, build_scheduler_after_prepare

@@ -36,6 +36,27 @@ def parse_config(cls, argv: list[str], *, default: str | None = None):
     return load_config(cls, path, argv)
 
 
+def open_run(cfg, load) -> tuple[object, dict]:
+    """What every recipe does before loading a model: the Accelerator (vltrain.distributed), the kernel check,
+    the seed, the demo's synthetic data written (main process first), and every train / eval record read and
+    checked by `load(path)` so that a bad file fails before the model loads. Returns (accelerator,
+    {"train": records[, "eval": records]})."""
+    from accelerate.utils import set_seed
+
+    from vltrain.data.loader import resolve_synthetic_data
+    from vltrain.distributed import build_accelerator, check_kernels_supported
+
+    accelerator = build_accelerator(cfg.train)
+    check_kernels_supported(accelerator, cfg.model)
+    set_seed(cfg.train.seed)
+    with accelerator.main_process_first():
+        resolve_synthetic_data(cfg.data, cfg.train.output_dir)
+    records = {"train": load(cfg.data.train_path)}
+    if cfg.data.eval_path:
+        records["eval"] = load(cfg.data.eval_path)
+    return accelerator, records
+
+
 def start_run(accelerator, cfg, name: str) -> Path:
     """Create `train.output_dir`, write and print the resolved config, start the trackers."""
     output_dir = Path(cfg.train.output_dir)

@@ -44,6 +44,26 @@ class SkippingDataset(Dataset):
     def conversation(self, index: int) -> Conversation:
         raise NotImplementedError
 
+    @staticmethod
+    def _records(path_or_records, load, source: str | None, what: str) -> tuple[list, str | None]:
+        """(records loaded from a file -- `load(path)` -- or given as a list, the source that names them)."""
+        if isinstance(path_or_records, (str, Path)):
+            records, source = load(path_or_records), source or str(path_or_records)
+        else:
+            records = list(path_or_records)
+        if not records:
+            raise DataFormatError(f"{source or 'dataset'}: no {what}")
+        return records, source
+
+    def _set_options(self, processor, media: MediaOptions, *, max_seq_length: int, image_folder, system_prompt,
+                     thinking: str, max_consecutive_skips: int) -> None:
+        """The encoding options every sample of the dataset is encoded with."""
+        if thinking not in THINKING_MODES:
+            raise ValueError(f"data.thinking={thinking!r} is not one of {', '.join(THINKING_MODES)}")
+        self.processor, self.media, self.max_seq_length = processor, media, max_seq_length
+        self.image_folder, self.system_prompt, self.thinking = image_folder, system_prompt, thinking
+        self.max_consecutive_skips = max_consecutive_skips
+
     def __getitem__(self, index: int) -> dict:
         skipped = []
         for offset in range(self.max_consecutive_skips):
@@ -77,24 +97,11 @@ class SFTDataset(SkippingDataset):
     def __init__(self, path_or_conversations: str | Path | list[Conversation], processor, media: MediaOptions, *,
                  max_seq_length: int, image_folder=None, system_prompt=None, thinking: str = "keep",
                  source: str | None = None, max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
-        if thinking not in THINKING_MODES:
-            raise ValueError(f"data.thinking={thinking!r} is not one of {', '.join(THINKING_MODES)}")
-        if isinstance(path_or_conversations, (str, Path)):
-            conversations = load_conversations(path_or_conversations)
-            source = source or str(path_or_conversations)
-        else:
-            conversations = list(path_or_conversations)
-        if not conversations:
-            raise DataFormatError(f"{source or 'SFTDataset'}: no conversations")
+        conversations, source = self._records(path_or_conversations, load_conversations, source, "conversations")
         self.conversations = [self._checked(c, i, source) for i, c in enumerate(conversations)]
         self.path = source or self.conversations[0].source
-        self.processor = processor
-        self.media = media
-        self.max_seq_length = max_seq_length
-        self.image_folder = image_folder
-        self.system_prompt = system_prompt
-        self.thinking = thinking
-        self.max_consecutive_skips = max_consecutive_skips
+        self._set_options(processor, media, max_seq_length=max_seq_length, image_folder=image_folder,
+                          system_prompt=system_prompt, thinking=thinking, max_consecutive_skips=max_consecutive_skips)
 
     @staticmethod
     def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:

@@ -56,7 +56,6 @@ from vltrain.data.encode import SampleSkipped, encode_completions
 from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records
 from vltrain.data.media import MediaOptions
 from vltrain.data.packing import pack_examples
-from vltrain.data.template import THINKING_MODES
 from vltrain.families import RopeIndex
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -172,24 +171,11 @@ class PairDataset(SkippingDataset):
     def __init__(self, path_or_pairs: str | Path | list[PreferencePair], processor, media: MediaOptions, *,
                  max_seq_length: int, image_folder=None, system_prompt=None, thinking: str = "keep",
                  source: str | None = None, max_consecutive_skips: int = 16):
-        if thinking not in THINKING_MODES:
-            raise ValueError(f"data.thinking={thinking!r} is not one of {', '.join(THINKING_MODES)}")
-        if isinstance(path_or_pairs, (str, Path)):
-            pairs = load_pairs(path_or_pairs)
-            source = source or str(path_or_pairs)
-        else:
-            pairs = list(path_or_pairs)
-        if not pairs:
-            raise DataFormatError(f"{source or 'PairDataset'}: no preference pairs")
+        pairs, source = self._records(path_or_pairs, load_pairs, source, "preference pairs")
         self.pairs = [self._checked(p, i, source) for i, p in enumerate(pairs)]
         self.path = source or self.pairs[0].prompt.source
-        self.processor = processor
-        self.media = media
-        self.max_seq_length = max_seq_length
-        self.image_folder = image_folder
-        self.system_prompt = system_prompt
-        self.thinking = thinking
-        self.max_consecutive_skips = max_consecutive_skips
+        self._set_options(processor, media, max_seq_length=max_seq_length, image_folder=image_folder,
+                          system_prompt=system_prompt, thinking=thinking, max_consecutive_skips=max_consecutive_skips)
 
     @staticmethod
     def _checked(pair: PreferencePair, position: int, source: str | None) -> PreferencePair:
