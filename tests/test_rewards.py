@@ -13,10 +13,11 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from vltrain.rewards import (RewardError, accuracy, compute_rewards, format_reward, load_rewards, reward_stats,
+from vltrain.rewards import (Reward, RewardError, accuracy, compute_rewards, format_reward, load_rewards, reward_stats,
                              total_reward)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,11 +237,15 @@ def test_outputs_accepted_as_tuple_tensor_and_ints():
     def as_tuple(completions, **kw):
         return (1, True)
 
+    def as_scalars(completions, **kw):
+        return [np.float32(0.25), torch.tensor(0.5)]
+
     rewards = load_rewards(["builtin:accuracy", "builtin:format"])
     rewards[0].fn, rewards[0].name = as_tensor, "as_tensor"
     rewards[1].fn, rewards[1].name = as_tuple, "as_tuple"
+    rewards.append(Reward(name="as_scalars", fn=as_scalars, weight=1.0, source="test"))
     values = compute_rewards(rewards, **batch(["a", "b"], ["a", "b"]))
-    assert values == {"as_tensor": [1.0, 0.0], "as_tuple": [1.0, 1.0]}
+    assert values == {"as_tensor": [1.0, 0.0], "as_tuple": [1.0, 1.0], "as_scalars": [0.25, 0.5]}
     assert all(type(v) is float for column in values.values() for v in column)
 
 

@@ -33,8 +33,9 @@ function's name (logged as rewards/<name>/mean, /std, /none_frac); two rewards w
 together on one asyncio event loop (`asyncio.run`, a fresh loop per call). When the calling thread already
 runs an event loop (a notebook), that loop cannot be re-entered, so the async rewards run on a fresh loop in a
 helper thread and the call blocks until they finish: they must not need the caller's loop. Every output is
-checked: a list (or tuple, 1-D tensor / array) of N values, each None or a finite real number; anything else,
-or an exception inside a reward, is a `RewardError` naming the file, the function and the step.
+checked: a list (or tuple, 1-D tensor / array) of N values, each None or a finite real number (a Python or
+numpy number, a one-element tensor); anything else, or an exception inside a reward, is a `RewardError`
+naming the file, the function and the step.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def _one_line(error: BaseException) -> str:
 
 def _check_output(reward: Reward, output, num: int, step: int) -> list[float | None]:
     where = f"grpo.rewards: {reward.where()} at step {step}"
-    if isinstance(output, (torch.Tensor,)) or type(output).__module__ == "numpy":
+    if isinstance(output, torch.Tensor) or type(output).__module__ == "numpy":
         if getattr(output, "ndim", 1) != 1:
             raise RewardError(f"{where}: returned a {output.ndim}-D {type(output).__name__}, expected a list of "
                               f"{num} values")
@@ -218,6 +219,8 @@ def _check_output(reward: Reward, output, num: int, step: int) -> list[float | N
         if value is None:
             values.append(None)
             continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
         if not isinstance(value, numbers.Real):
             raise RewardError(f"{where}: value {i} is a {type(value).__name__} ({value!r:.40}), expected a float "
                               f"or None")
