@@ -303,7 +303,7 @@ def test_loss_normaliser_values():
     assert loss_normaliser("grpo", mask, max_completion_length=MAX_LEN).item() == B
     assert loss_normaliser("bnpo", mask, max_completion_length=MAX_LEN).item() == 1
     with pytest.raises(ValueError, match="max_completion_length"):
-        loss_normaliser("dr_grpo", mask, max_completion_length=3)
+        loss_normaliser("dr_grpo", mask, max_completion_length=0)
     with pytest.raises(ValueError, match="grpo.loss_type"):
         loss_normaliser("ppo", mask, max_completion_length=MAX_LEN)
 

@@ -165,10 +165,11 @@ def loss_normaliser(loss_type: str | LossType, completion_mask: torch.Tensor, *,
     loss_type = _parse(LossType, loss_type, "grpo.loss_type")
     if completion_mask.dim() != 2:
         raise ValueError(f"loss_normaliser: completion_mask must be (B, T), got {tuple(completion_mask.shape)}")
-    num_sequences, width = completion_mask.shape
-    if loss_type is LossType.DR_GRPO and not (max_completion_length >= 1 and width <= max_completion_length):
-        raise ValueError(f"grpo.max_completion_length={max_completion_length} must be >= 1 and >= the "
-                         f"completions' width {width}")
+    num_sequences = completion_mask.shape[0]
+    # dr_grpo's constant is only a scale: a mask wider than max_completion_length (e.g. a template token after a
+    # completion cut at the limit) is accepted, never an error mid-training.
+    if loss_type is LossType.DR_GRPO and max_completion_length < 1:
+        raise ValueError(f"grpo.max_completion_length must be >= 1, got {max_completion_length}")
     unit = loss_type.normaliser_unit
     if unit == "tokens":
         value = completion_mask.float().sum()
