@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 from loops.dpo import train
+from recipes.sft import ensure_sft_export
 from vltrain.build import build_model, build_reference
 from vltrain.checkpoint import export_model
 from vltrain.config import DPOConfig, MediaConfig
@@ -32,29 +33,6 @@ from vltrain.tracking import print0
 
 def setup(argv: list[str]) -> DPOConfig:
     return parse_config(DPOConfig, argv, default="dpo_demo")
-
-
-def run_sft_stage(accelerator, cfg: DPOConfig) -> None:
-    """`dpo.init_from_sft`: when model.name_or_path (a folder named `final`) does not exist, train the starting
-    model with recipes/sft.py and that config, writing to the folder above it, so its export is that folder."""
-    target = Path(cfg.model.name_or_path)
-    if not cfg.dpo.init_from_sft or target.exists():
-        return
-    if target.name != "final":
-        raise ValueError(f"dpo.init_from_sft needs model.name_or_path to be an SFT export folder ending in /final "
-                         f"(the SFT run writes to its parent), got {str(target)!r}")
-    if accelerator.num_processes > 1:
-        raise ValueError(f"model.name_or_path={str(target)!r} does not exist: run `accelerate launch recipes/sft.py "
-                         f"{cfg.dpo.init_from_sft} train.output_dir={target.parent}` first (dpo.init_from_sft runs it "
-                         "only in single-process launches)")
-    from recipes.sft import main as sft_main
-    from vltrain.config import SFTConfig
-
-    print0(f"{target} does not exist: training it first with recipes/sft.py {cfg.dpo.init_from_sft}")
-    sft = sft_main(parse_config(SFTConfig, [cfg.dpo.init_from_sft, f"train.output_dir={target.parent}"]))
-    if sft.get("export_dir") is None:
-        raise ValueError(f"the SFT stage ({cfg.dpo.init_from_sft}) stopped before exporting {target}")
-    print0(f"SFT stage done: {target}; now DPO")
 
 
 def reference_cache(cfg: DPOConfig, data_path: str, split: str) -> Path:
@@ -103,7 +81,7 @@ def main(cfg: DPOConfig) -> dict:
                     raise ValueError(f"{pair.prompt.source}: id {pair.sample_id!r} appears twice; "
                                      "dpo.precompute_ref_log_probs keys pairs by id: make the ids unique")
                 seen.add(pair.sample_id)
-    run_sft_stage(accelerator, cfg)
+    ensure_sft_export(accelerator, cfg.dpo.init_from_sft, cfg.model.name_or_path)
     start_run(accelerator, cfg, "dpo")
 
     built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device)

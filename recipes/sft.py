@@ -31,6 +31,26 @@ def setup(argv: list[str]) -> SFTConfig:
     return parse_config(SFTConfig, argv, default="demo")
 
 
+def ensure_sft_export(accelerator, config_name: str | None, target: str) -> None:
+    """`dpo.init_from_sft` / `grpo.init_from_sft`: when `target` (an export folder named `final`) does not exist,
+    train it with this recipe and the SFT config `config_name`, writing to the folder above it."""
+    target = Path(target)
+    if not config_name or target.exists():
+        return
+    if target.name != "final":
+        raise ValueError(f"init_from_sft needs model.name_or_path to be an SFT export folder ending in /final "
+                         f"(the SFT run writes to its parent), got {str(target)!r}")
+    if accelerator.num_processes > 1:
+        raise ValueError(f"model.name_or_path={str(target)!r} does not exist: run `accelerate launch recipes/sft.py "
+                         f"{config_name} train.output_dir={target.parent}` first (init_from_sft runs it only in "
+                         "single-process launches)")
+    print0(f"{target} does not exist: training it first with recipes/sft.py {config_name}")
+    summary = main(parse_config(SFTConfig, [config_name, f"train.output_dir={target.parent}"]))
+    if summary.get("export_dir") is None:
+        raise ValueError(f"the SFT stage ({config_name}) stopped before exporting {target}")
+    print0(f"SFT stage done: {target}")
+
+
 def main(cfg: SFTConfig) -> dict:
     accelerator, records = open_run(cfg, load_conversations)  # every record checked before the model loads
     data = cfg.data

@@ -61,7 +61,9 @@ class DataConfig(MediaConfig):
     eval_path: str | None = None
     image_folder: str | None = None  # relative media paths are resolved against this folder
     max_seq_length: int = 32768
-    system_prompt: str | None = None  # default system turn; None keeps the chat template's default
+    # Default system turn: literal text, or `builtin:think_answer` (vltrain.data.template.SYSTEM_PROMPTS);
+    # None keeps the chat template's default.
+    system_prompt: str | None = None
     num_workers: int = 2
     # Pack each micro-batch into one row (vltrain.data.packing): no padding, attention within examples.
     packing: bool = False
@@ -93,6 +95,9 @@ class DataConfig(MediaConfig):
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.nframes is not None and self.nframes < 2:
             raise ValueError(f"data.nframes must be at least 2, got {self.nframes}")
+        from vltrain.data.template import resolve_system_prompt
+
+        resolve_system_prompt(self.system_prompt)  # an unknown builtin: name fails here
 
 
 @dataclass
@@ -287,6 +292,81 @@ class DPOConfig(SFTConfig):
             raise ValueError("train.eval_exact_match is an SFT option; DPO's generation check is dpo.eval_generations")
         if self.dpo.eval_generations and not (self.data.eval_path or self.data.train_path.startswith("synthetic:")):
             raise ValueError("dpo.eval_generations needs data.eval_path (held-out pairs to answer)")
+
+
+@dataclass
+class GRPOSection:
+    """Rollouts, rewards and the policy loss of GRPO and its variants (vltrain.policy_gradient, vltrain.rewards)."""
+
+    num_generations: int = 8  # completions per prompt (a group)
+    max_completion_length: int = 256
+    max_prompt_length: int | None = None  # None: data.max_seq_length; a longer prompt is skipped (media never cut)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0
+    generation_batch_size: int = 8  # prompts per generate call (x num_generations rows)
+    # Reward functions: "path/file.py:function", "path/file.py" (its REWARDS list, or every *_reward function),
+    # "builtin:accuracy", "builtin:format"; weighted by reward_weights (default 1.0 each).
+    rewards: list[str] = field(default_factory=lambda: ["builtin:accuracy", "builtin:format"])
+    reward_weights: list[float] | None = None
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon
+    beta: float = 0.0  # KL to the reference; 0 loads no reference
+    num_iterations: int = 1  # optimizer steps per rollout batch
+    mask_truncated_completions: bool = False
+    log_completions: int = 4  # prompts (with their completions and rewards) written to completions.jsonl per log
+    # Held-out mean reward of greedy answers to this many eval prompts, before and after training; 0 = off.
+    eval_prompts: int = 0
+    init_from_sft: str | None = None  # as dpo.init_from_sft: an SFT config run first when the model is missing
+
+    def validate(self) -> None:
+        positive = ("num_generations", "max_completion_length", "generation_batch_size", "num_iterations")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"grpo.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if not 0 < self.temperature:
+            raise ValueError(f"grpo.temperature must be > 0 (rollouts sample), got {self.temperature}")
+        if self.num_generations < 2:
+            raise ValueError("grpo.num_generations must be >= 2: group-normalised advantages need a group")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError("grpo.epsilon and grpo.epsilon_high must be >= 0")
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} "
+                             "grpo.rewards")
+        if self.eval_prompts < 0 or self.log_completions < 0:
+            raise ValueError("grpo.eval_prompts and grpo.log_completions must be >= 0")
+
+
+@dataclass
+class GRPOConfig(SFTConfig):
+    """SFT's sections (same meaning) plus `grpo`; train.micro_batch_size counts prompts (each with
+    grpo.num_generations completions)."""
+
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/grpo"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.grpo.validate()
+        if self.train.eval_exact_match:
+            raise ValueError("train.eval_exact_match is an SFT option; GRPO's generation check is grpo.eval_prompts")
+        if self.data.max_tokens_per_batch is not None:
+            raise ValueError("data.max_tokens_per_batch is not supported by GRPO: its batches are prompts "
+                             "(train.micro_batch_size) whose completions are generated")
+        if self.train.save_every % self.grpo.num_iterations:
+            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of grpo.num_iterations "
+                             f"({self.grpo.num_iterations}): checkpoints are written between rollout batches")
+        if self.grpo.eval_prompts and not (self.data.eval_path or self.data.train_path.startswith("synthetic:")):
+            raise ValueError("grpo.eval_prompts needs data.eval_path (held-out prompts)")
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -11,6 +11,7 @@ Policies:
   ids, and decoding continues from `rope_deltas`, so a padded prompt generates what it generates alone
   (tested: batched == one-by-one token ids, on text / image / multi-image / video prompts).
 - `GenerationSettings` is the whole sampling policy: temperature 0 is greedy (`do_sample=False`);
+  the model's media placeholder tokens (image / video pads, vision start / end) are never generated;
   otherwise temperature / top_p / top_k / min_p are applied as given (0 = off for top_k and min_p).
   Of a checkpoint's `generation_config.json` only what the settings do not name is kept (eos / pad ids).
 - `seed`: sampling runs on a forked RNG seeded with it (CPU and the model's CUDA device), so the same
@@ -117,9 +118,16 @@ class GenerationSettings:
         else:
             sampling = dict(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
                             top_k=self.top_k, min_p=float(self.min_p))
+        # A reply never holds media placeholders: a sampled <|image_pad|> would have no pixels behind it (and
+        # break the training forward of a GRPO completion), so the model's media tokens are never generated.
+        config = getattr(model, "config", None)
+        media_tokens = sorted({getattr(config, name) for name in ("image_token_id", "video_token_id",
+                                                                   "vision_start_token_id", "vision_end_token_id")
+                               if isinstance(getattr(config, name, None), int)})
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, repetition_penalty=float(self.repetition_penalty), num_beams=1,
-            stop_strings=self.stop_strings or None, eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling,
+            stop_strings=self.stop_strings or None, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+            suppress_tokens=media_tokens or None, **sampling,
         )
 
 
@@ -260,23 +268,74 @@ def _forked_rng(seed: int | None, device: torch.device):
         yield
 
 
+def repeat_rows(prompts: list[dict], num_generations: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch with every prompt's row `num_generations` times in a row, its media ONCE: pixels
+    in prompt order, one grid per occurrence (per row), `image_source` / `video_source` mapping each
+    occurrence to its prompt's media (vltrain.vision.shared_media runs the tower once per prompt)."""
+    from vltrain.data.pairs import MEDIA_SOURCES
+
+    batch = left_pad_batch([p for p in prompts for _ in range(num_generations)], pad_token_id)
+    if num_generations == 1:
+        return batch
+    for pixel_key, grid_key, source_key in MEDIA_SOURCES:
+        sources, offset = [], 0
+        for p in prompts:
+            num = len(p[grid_key]) if p.get(grid_key) is not None else 0
+            sources += [torch.arange(offset, offset + num)] * num_generations
+            offset += num
+        if offset:
+            batch[pixel_key] = torch.cat([p[pixel_key] for p in prompts if p.get(pixel_key) is not None])
+            batch[source_key] = torch.cat(sources)
+    return batch
+
+
+def _as_batch_of_one(prompt: dict) -> dict:
+    """An encode_prompt Example (1-D tokens) or a processor output (batch of one) -> a processor output."""
+    return {k: (v[None] if k in ("input_ids", "mm_token_type_ids", "attention_mask") and torch.is_tensor(v) and v.dim() == 1
+                else v) for k, v in prompt.items()}
+
+
 # ------------------------------------------------------------------------------------------ entry
 def generate(model, processor, conversations: list[Conversation], settings: GenerationSettings, *,
              media: MediaOptions, image_folder: str | None = None, system_prompt: str | None = None,
              batch_size: int = 8, show_progress: bool = True, synced_gpus: bool | None = None) -> list[Generation]:
     """Completions of `conversations` (each: the turns before the reply), in order; see the module docstring."""
+    for conv in conversations:
+        if not conv.turns or conv.turns[-1].role == "assistant":
+            raise ValueError(f"generate: sample {conv.sample_id!r}: a prompt must not end with an assistant turn "
+                             "(pass the turns before the reply)")
+    chunks = [conversations[i: i + batch_size] for i in range(0, len(conversations), max(1, batch_size))]
+    encode = lambda convs: [process_conversation(c, processor, media, image_folder=image_folder,  # noqa: E731
+                                                 system_prompt=system_prompt, add_generation_prompt=True) for c in convs]
+    return _generate_batches(model, processor, settings, [lambda c=c: encode(c) for c in chunks], batch_size=batch_size,
+                             num_generations=1, show_progress=show_progress, synced_gpus=synced_gpus)
+
+
+def generate_encoded(model, processor, prompts: list[dict], settings: GenerationSettings, *, num_generations: int = 1,
+                     batch_size: int = 8, show_progress: bool = True, synced_gpus: bool | None = None) -> list[Generation]:
+    """Completions of already encoded prompts (`vltrain.data.encode.encode_prompt` Examples), `num_generations`
+    per prompt: [prompt 0's, prompt 1's, ...]. Each generate call holds `batch_size` prompts x `num_generations`
+    rows and runs the vision tower once per prompt (`repeat_rows`); otherwise as `generate`."""
+    if not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"generate: num_generations must be an integer >= 1, got {num_generations!r}")
+    chunks = [prompts[i: i + batch_size] for i in range(0, len(prompts), max(1, batch_size))]
+    return _generate_batches(model, processor, settings, [lambda c=c: [_as_batch_of_one(p) for p in c] for c in chunks],
+                             batch_size=batch_size, num_generations=num_generations, show_progress=show_progress,
+                             synced_gpus=synced_gpus)
+
+
+def _generate_batches(model, processor, settings: GenerationSettings, batches, *, batch_size: int, num_generations: int,
+                      show_progress: bool, synced_gpus: bool | None) -> list[Generation]:
+    """`batches`: one callable per generate call returning its prompts (processor outputs, batch of one)."""
     from transformers import StoppingCriteriaList
 
     from vltrain.attention import stock_attention
+    from vltrain.vision import shared_media
 
     if not isinstance(settings, GenerationSettings):
         raise ValueError(f"generate: settings must be a GenerationSettings, got {type(settings).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"generate: batch_size must be an integer >= 1, got {batch_size!r}")
-    for conv in conversations:
-        if not conv.turns or conv.turns[-1].role == "assistant":
-            raise ValueError(f"generate: sample {conv.sample_id!r}: a prompt must not end with an assistant turn "
-                             "(pass the turns before the reply)")
     synced = resolve_synced_gpus(synced_gpus, model)
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)
@@ -287,7 +346,6 @@ def generate(model, processor, conversations: list[Conversation], settings: Gene
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(eos_ids)
     vision = next(get_module(model, family_spec(model).vision_module).parameters())
     device = next(model.parameters()).device
-    batches = [conversations[i: i + batch_size] for i in range(0, len(conversations), batch_size)]
     num_batches = _max_over_ranks(len(batches), device) if synced else len(batches)
     was_training = model.training
     model.eval()
@@ -295,24 +353,25 @@ def generate(model, processor, conversations: list[Conversation], settings: Gene
     try:
         with torch.no_grad(), stock_attention(model), _forked_rng(settings.seed, device):
             for b in tqdm(range(num_batches), desc="generate", disable=not show_progress):
-                convs = batches[b] if b < len(batches) else []
-                prompts = [process_conversation(c, processor, media, image_folder=image_folder,
-                                                system_prompt=system_prompt, add_generation_prompt=True) for c in convs]
+                prompts = batches[b]() if b < len(batches) else []
                 if prompts:
-                    batch = left_pad_batch(prompts, pad_token_id)
+                    batch = repeat_rows(prompts, num_generations, pad_token_id)
                 else:  # a rank out of prompts keeps its peers' forwards company
                     batch = {k: torch.zeros((0, 0), dtype=torch.long)
                              for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+                rows = len(prompts) * num_generations
                 stopping = None
                 if synced:
                     batch, added = add_dummy_media_row(model, batch, pad_token_id)
                     if added:  # the dummy row stops after one token instead of running to max_new_tokens
-                        stopping = StoppingCriteriaList([_RowDone(len(prompts))])
+                        stopping = StoppingCriteriaList([_RowDone(rows)])
                 batch = {k: v.to(device, dtype=vision.dtype if k.startswith("pixel_values") else None)
                          for k, v in batch.items()}
-                out = model.generate(**batch, generation_config=config, synced_gpus=synced, stopping_criteria=stopping,
-                                     tokenizer=tokenizer if settings.stop_strings else None)
-                new = out[: len(prompts), batch["input_ids"].shape[1]:].tolist()
+                inputs = {k: v for k, v in batch.items() if k not in ("image_source", "video_source")}
+                with shared_media(model, batch):
+                    out = model.generate(**inputs, generation_config=config, synced_gpus=synced,
+                                         stopping_criteria=stopping, tokenizer=tokenizer if settings.stop_strings else None)
+                new = out[:rows, batch["input_ids"].shape[1]:].tolist()
                 results += [finish(row, tokenizer, eos_ids, settings.stop_strings) for row in new]
     finally:
         model.train(was_training)

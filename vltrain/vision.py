@@ -14,6 +14,8 @@ every vision parameter is in the backward graph too.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -177,16 +179,27 @@ def shared_media(model, batch: dict, features: dict | None = None):
             assert sorted(first) == list(range(len(first))), f"{source_key} must index media 0..n-1"
             unique_rows = torch.tensor([first[i] for i in range(len(first))])
 
-        def patched(pixel_values, grid_thw=None, *args, **kwargs):
+        signature = inspect.signature(original)
+        pixel_name, grid_name = list(signature.parameters)[:2]  # (pixel_values[_videos], image/video_grid_thw)
+
+        # Same signature as the original (functools.wraps): transformers' generate reads it to decide which
+        # keyword arguments to hand over when it runs the encoders before the first forward.
+        @functools.wraps(original)
+        def patched(*args, **kwargs):
             if nested["active"]:
-                return original(pixel_values, grid_thw, *args, **kwargs)
+                return original(*args, **kwargs)
             if features is not None and kind in features:
                 output = features[kind]
             else:
+                bound = signature.bind_partial(*args, **kwargs)
+                arguments = dict(bound.arguments)
+                extra = arguments.pop("kwargs", {})
+                if unique_rows is not None:
+                    grid = arguments[grid_name]
+                    arguments[grid_name] = grid[unique_rows.to(grid.device)]
                 nested["active"] = True
                 try:
-                    grid = grid_thw if unique_rows is None else grid_thw[unique_rows.to(grid_thw.device)]
-                    output = original(pixel_values, grid, *args, **kwargs)
+                    output = original(**arguments, **extra)
                 finally:
                     nested["active"] = False
                 if features is not None:

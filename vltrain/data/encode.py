@@ -49,7 +49,7 @@ import torch
 
 from vltrain.data.formats import Conversation
 from vltrain.data.media import MediaError, MediaOptions, load_image, load_video, resolve_media_path
-from vltrain.data.template import render_chat
+from vltrain.data.template import render_chat, resolve_system_prompt
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -75,6 +75,7 @@ def _where(conv: Conversation) -> str:
 def to_chat_messages(conv: Conversation, system_prompt: str | None = None) -> list[dict]:
     """The conversation as chat-template messages with typed content (media as bare placeholders)."""
     messages = []
+    system_prompt = resolve_system_prompt(system_prompt)  # `builtin:<name>` -> its text
     if system_prompt is not None and conv.turns[0].role != "system":
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     for turn in conv.turns:

@@ -215,23 +215,30 @@ class PairDataset(SkippingDataset):
 
 
 # ------------------------------------------------------------------------------------------ collator
+def group_sequences(examples: list[dict], sequences: list[list[dict]]) -> list[dict]:
+    """Every example's sequences in order (example 0's, then example 1's, ...), each carrying its example's
+    grids (no pixels): what the sequence collation packs or pads."""
+    flat = []
+    for e, own in zip(examples, sequences, strict=True):
+        grids = {key: e[key] for key in GRID_KEYS if key in e}
+        flat += [s | grids for s in own]
+    return flat
+
+
 def pair_sequences(examples: list[dict]) -> list[dict]:
     """[chosen_0, rejected_0, chosen_1, ...]: token tensors plus the pair's grids (no pixels), per sequence."""
-    sequences = []
-    for e in examples:
-        grids = {key: e[key] for key in GRID_KEYS if key in e}
-        sequences += [e["chosen"] | grids, e["rejected"] | grids]
-    return sequences
+    return group_sequences(examples, [[e["chosen"], e["rejected"]] for e in examples])
 
 
-def media_sources(examples: list[dict], grid_key: str) -> torch.Tensor | None:
+def media_sources(examples: list[dict], grid_key: str, repeats: list[int] | None = None) -> torch.Tensor | None:
     """(occurrences,) long: for every grid row of the batch (per sequence, in sequence order) the index of its
-    unique image / video in the pair-ordered pixels; None when no pair has that modality."""
+    unique image / video in the example-ordered pixels; example k's media occur `repeats[k]` times (default 2:
+    chosen, then rejected); None when no example has that modality."""
     sources, offset = [], 0
-    for e in examples:
+    for k, e in enumerate(examples):
         num = len(e[grid_key]) if grid_key in e else 0
         own = torch.arange(offset, offset + num, dtype=torch.long)
-        sources += [own, own]  # chosen, then rejected
+        sources += [own] * (2 if repeats is None else repeats[k])
         offset += num
     return torch.cat(sources) if offset else None
 
@@ -263,22 +270,30 @@ def expand_media(batch: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def collate_groups(examples: list[dict], sequences: list[list[dict]], *, rope_index: RopeIndex | None,
+                   pad_token_id: int, known=()) -> dict:
+    """One batch of every example's `sequences` (example order, then sequence order) sharing the example's media:
+    pixels once per example, grids per occurrence, `image_source` / `video_source` (module docstring); packed
+    when `rope_index` is given, else right-padded. The examples' other keys (but `known`) become lists."""
+    batch = group_sequences(examples, sequences)
+    # The sequence collation gives the tokens, position ids / attention mask and per-occurrence grids; the
+    # example-level one gives the unique pixels, ids, skip records and extra fields.
+    batch = pack_examples(batch, rope_index) if rope_index is not None else pad_collate(batch, pad_token_id)
+    extras = collate_extras(examples, set(known))
+    batch |= {k: v for k, v in extras.items() if k not in GRID_KEYS}
+    repeats = [len(own) for own in sequences]
+    for _, grid_key, source_key in MEDIA_SOURCES:
+        sources = media_sources(examples, grid_key, repeats)
+        if sources is not None:
+            batch[source_key] = sources
+    return batch
+
+
 def collate_pairs(examples: list[dict], *, rope_index: RopeIndex | None, pad_token_id: int) -> dict:
     """One batch of 2P sequences from P pair Examples (module docstring): packed when `rope_index` is
     given, else right-padded."""
-    sequences = pair_sequences(examples)
-    # The sequence collation gives the tokens, position ids / attention mask and per-occurrence grids;
-    # the pair-level one gives the unique pixels, ids, skip records and extra fields.
-    if rope_index is not None:
-        batch = pack_examples(sequences, rope_index)
-    else:
-        batch = pad_collate(sequences, pad_token_id)
-    pairs = collate_extras(examples, set(COMPLETIONS))
-    batch |= {k: v for k, v in pairs.items() if k not in GRID_KEYS}
-    for _, grid_key, source_key in MEDIA_SOURCES:
-        sources = media_sources(examples, grid_key)
-        if sources is not None:
-            batch[source_key] = sources
+    batch = collate_groups(examples, [[e["chosen"], e["rejected"]] for e in examples], rope_index=rope_index,
+                           pad_token_id=pad_token_id, known=COMPLETIONS)
     batch["num_pairs"] = len(examples)
     return batch
 

@@ -42,6 +42,28 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 IM_END = "<|im_end|>"
 
 
+# Named system prompts (`data.system_prompt: builtin:<name>`); any other value is the literal text.
+SYSTEM_PROMPTS = {
+    "think_answer": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+        "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+        "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+        "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+    ),
+}
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """`builtin:<name>` -> the named prompt of SYSTEM_PROMPTS; anything else (or None) unchanged."""
+    if value is None or not value.startswith("builtin:"):
+        return value
+    name = value.removeprefix("builtin:")
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"data.system_prompt={value!r}: the built-in system prompts are "
+                         f"{', '.join('builtin:' + k for k in SYSTEM_PROMPTS)}")
+    return SYSTEM_PROMPTS[name]
+
+
 def active_chat_template(processor) -> str | None:
     """The template text `processor.apply_chat_template` renders with (a processor's own, or a
     tokenizer's); None when it has none."""
