@@ -20,16 +20,15 @@ from vltrain.data.media import MediaOptions
 from vltrain.data.prompts import PromptDataset, collate_prompts
 from vltrain.families import RopeIndex, family_spec
 from vltrain.generation import GenerationSettings, generate_encoded
-from vltrain.logprobs import token_logprobs
 from vltrain.rewards import load_rewards
 from vltrain.tiny import build_tiny
 
 from conftest import REPO
 
 REWARD_FILE = '''
-def short_reward(completions, completion_ids, **kwargs):
-    """Dense and reachable from a random model: the fewer tokens before the end, the better."""
-    return [1.0 - len(ids) / 6 for ids in completion_ids]
+def even_reward(completions, completion_ids, **kwargs):
+    """Dense and reachable from a random model: the fraction of completion tokens with an even id."""
+    return [sum(i % 2 == 0 for i in ids) / max(1, len(ids)) for ids in completion_ids]
 
 
 def level_reward(completions, level, **kwargs):
@@ -128,11 +127,113 @@ def test_research_code_learns_from_a_reward_file(tmp_path, prompt_data):
     accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1,
                                                                                       sync_with_dataloader=False))
     rewards = load_rewards(cfg.grpo.rewards)
-    assert [r.name for r in rewards] == ["short_reward", "level_reward"]
+    assert [r.name for r in rewards] == ["even_reward", "level_reward"]
     result = train(accelerator, model, processor, loader, cfg.train, cfg.optim, cfg.grpo, rewards,
                    eval_prompts=[ds[i] for i in range(4)], packing=False)
     before, after = result.eval_rewards[0][1]["reward"], result.eval_rewards[-1][1]["reward"]
-    assert result.step == 12 and after > before + 0.3, (before, after)
+    assert result.step == 12 and after > before + 0.2, (before, after)
     assert result.metrics[-1]["reward"] > result.metrics[0]["reward"]
     assert {"clip_frac", "entropy", "time/rollout_s", "rollout_tokens_per_s", "completion_length"} <= set(result.metrics[0])
     accelerator.end_training()
+
+
+def test_num_iterations_reuse_the_rollout_and_ratios_move_after_the_first_update(tmp_path, prompt_data, monkeypatch):
+    import loops.grpo as loop
+
+    calls, ratios = [], []
+    real_rollout, real_policy_loss = loop.Rollout.__call__, loop.policy_loss
+
+    def counting_rollout(self, model, prompts):
+        calls.append(len(prompts))
+        return real_rollout(self, model, prompts)
+
+    def recording_policy_loss(*args, **kwargs):
+        loss, stats = real_policy_loss(*args, **kwargs)
+        ratios.append(float(stats["ratio_sum"] / stats["num_tokens"].clamp(min=1)))
+        return loss, stats
+
+    monkeypatch.setattr(loop.Rollout, "__call__", counting_rollout)
+    monkeypatch.setattr(loop, "policy_loss", recording_policy_loss)
+    from recipes.grpo import main
+
+    summary = main(grpo_config(tmp_path, prompt_data, **{"train.max_steps": 4, "grpo.num_iterations": 2,
+                                                         "optim.lr": 1e-2}))
+    assert summary["steps"] == 4 and calls == [2, 2]  # one rollout per two optimizer steps
+    assert ratios[0] == pytest.approx(1.0, abs=1e-6) and ratios[2] == pytest.approx(1.0, abs=1e-6)
+    assert abs(ratios[1] - 1.0) > 1e-6 and abs(ratios[3] - 1.0) > 1e-6  # the second update sees a moved policy
+
+
+def test_gradient_accumulation_and_a_video_prompt_train(tmp_path, prompt_data):
+    from recipes.grpo import main
+
+    summary = main(grpo_config(tmp_path, prompt_data, "qwen3_vl", **{
+        "train.max_steps": 3, "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2,
+        "grpo.beta": 0.1}))  # beta > 0: a reference and the KL term
+    assert summary["steps"] == 3 and summary["num_skipped"] == 0
+    metrics = summary["last_step_metrics"]
+    assert math.isfinite(metrics["kl"]) and metrics["kl"] >= 0 and "rewards/even_reward/mean" in metrics
+    lines = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert lines and {"prompt", "completions", "rewards", "advantages"} <= set(lines[0])
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_a_missing_reward_file_fails_before_anything_loads(tmp_path, prompt_data):
+    from recipes.grpo import main
+
+    with pytest.raises(ValueError, match="nope.py"):
+        main(grpo_config(tmp_path, prompt_data, **{"grpo.rewards": f"[{tmp_path / 'nope.py'}:f]"}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_checkpoint_gives_the_straight_run(tmp_path, prompt_data):
+    from recipes.grpo import main
+
+    straight = main(grpo_config(tmp_path / "straight", prompt_data, **{"train.max_steps": 4}))
+    main(grpo_config(tmp_path / "cut", prompt_data, **{"train.max_steps": 2, "train.save_every": 2}))
+    resumed = main(grpo_config(tmp_path / "cut", prompt_data, **{"train.max_steps": 4, "train.resume": "auto"}))
+    assert resumed["steps"] == 4
+    assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5, abs=1e-7)
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, prompt_data):
+    cfg = grpo_config(tmp_path, prompt_data)
+    args = [f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32", "model.attn_implementation=sdpa",
+            f"data.train_path={prompt_data}", f"data.image_folder={prompt_data.parent}", "data.num_workers=1",
+            "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
+            "train.report_to=none", "train.max_steps=60", "train.micro_batch_size=2", "train.log_every=1",
+            f"train.output_dir={tmp_path / 'out'}", "optim.warmup_steps=0", "grpo.num_generations=4",
+            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "grpo.py"), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines, deadline = [], time.monotonic() + 150
+    for line in proc.stdout:
+        lines.append(line)
+        if "step  3/60" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    out, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + out
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["preempted"] == "SIGTERM" and 3 <= summary["steps"] < 60 and "Traceback" not in output
+    assert (tmp_path / "out" / "checkpoints" / f"step_{summary['steps']:06d}" / "COMPLETE").is_file()
+
+
+def test_two_process_cpu_run(tmp_path, prompt_data):
+    cfg = grpo_config(tmp_path, prompt_data)
+    args = [f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32", "model.attn_implementation=sdpa",
+            f"data.train_path={prompt_data}", f"data.image_folder={prompt_data.parent}", "data.num_workers=0",
+            "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
+            "data.packing=true", "train.report_to=none", "train.max_steps=2", "train.micro_batch_size=1",
+            f"train.output_dir={tmp_path / 'out'}", "optim.warmup_steps=0", "grpo.num_generations=4",
+            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29539",
+           str(REPO / "recipes" / "grpo.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 2 and all(math.isfinite(x) for x in summary["losses"])
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
