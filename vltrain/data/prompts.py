@@ -15,7 +15,7 @@ Example (PromptDataset, one prompt; `vltrain.data.encode.encode_prompt`, media d
 
     {"id", "input_ids" (P,), "mm_token_type_ids" (P,), media tensors, "assistant": str | None,
      "prompt": [{"role", "content": text with <image> / <video> placeholders}, ...] (what rewards see),
-     "skipped": [...], **extra columns}
+     "skipped": [...], **extra columns (every column of any record; None where this record lacks it)}
 
 A prompt longer than `max_prompt_length` tokens (media included) is skipped and counted like any unusable
 sample (a prompt is never cut). `collate_prompts` keeps a micro-batch as a list of Examples: the loop
@@ -68,6 +68,9 @@ class PromptDataset(SkippingDataset):
         conversations, source = self._records(path_or_conversations, load_prompts, source, "prompts")
         self.conversations = [self._checked(c, i, source) for i, c in enumerate(conversations)]
         self.path = source or self.conversations[0].source
+        # every column of any record, on every Example (None where a record lacks it), so that each reward is
+        # called with the same keywords on every rank and step
+        self.columns = sorted({key for c in self.conversations for key in c.extra})
         self._set_options(processor, media, max_seq_length=max_prompt_length, image_folder=image_folder,
                           system_prompt=system_prompt, thinking=thinking, max_consecutive_skips=max_consecutive_skips)
 
@@ -93,7 +96,8 @@ class PromptDataset(SkippingDataset):
         example = encode_prompt(prompt, self.processor, self.media, image_folder=self.image_folder,
                                 system_prompt=self.system_prompt, thinking=self.thinking,
                                 max_seq_length=self.max_seq_length)
-        return example | {"assistant": answer, "prompt": reward_messages(prompt, self.system_prompt)} | prompt.extra
+        columns = {key: prompt.extra.get(key) for key in self.columns}
+        return example | {"assistant": answer, "prompt": reward_messages(prompt, self.system_prompt)} | columns
 
 
 def collate_prompts(examples: list[dict]) -> dict:
