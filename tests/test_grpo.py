@@ -237,3 +237,36 @@ def test_two_process_cpu_run(tmp_path, prompt_data):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and all(math.isfinite(x) for x in summary["losses"])
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_lora_rollouts_train_the_adapters_and_a_too_long_prompt_is_skipped(tmp_path, prompt_data, media_dir):
+    from recipes.grpo import main
+
+    records = prompt_records() + [{"id": "long", "conversations": [
+        {"from": "human", "value": "word " * 400}, {"from": "gpt", "value": "red"}]}]
+    path = media_dir / "with_long.json"
+    path.write_text(json.dumps(records))
+    summary = main(grpo_config(tmp_path, path, **{
+        "lora.enabled": "true", "lora.rank": 8, "lora.alpha": 16, "trainable.freeze_llm": "true",
+        "trainable.freeze_vision_tower": "true", "grpo.max_prompt_length": 200, "train.max_steps": 3,
+        "train.micro_batch_size": 5, "data.max_bad_fraction": 0.5}))
+    assert summary["steps"] == 3 and summary["num_skipped"] >= 1
+    assert any(r["id"] == "long" and "max_seq_length=200" in r["reason"] for r in summary["skipped"]["records"])
+    assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_demo_raises_the_held_out_reward(tmp_path):
+    """`accelerate launch recipes/grpo.py`: a briefly trained SFT model, GRPO with the shipped reward file."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/grpo.py", "grpo_demo",
+           f"train.output_dir={tmp_path / 'grpo'}", f"model.name_or_path={tmp_path / 'sft' / 'final'}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"demo wall time (SFT stage included): {time.monotonic() - start:.0f} s")
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    before, after = summary["eval"][0]["reward"], summary["eval"][-1]["reward"]
+    assert after >= before + 0.2 and after >= 0.8, (before, after)
+    assert "held-out mean reward" in proc.stdout and (tmp_path / "grpo" / "completions.jsonl").is_file()
