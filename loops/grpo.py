@@ -190,6 +190,7 @@ class GRPOResult:
     num_bad_steps: int = 0
     preempted: str | None = None
     model: object = None
+    reference: object = None  # the prepared Reference when grpo.beta > 0
 
 
 def _slices(items: list, count: int) -> list[list]:
@@ -232,7 +233,7 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
     pad = processor.tokenizer.pad_token_id
     temperature = grpo_cfg.temperature
     log_path = Path(tcfg.output_dir) / "completions.jsonl"
-    result = GRPOResult(step=state.step, model=model)
+    result = GRPOResult(step=state.step, model=model, reference=reference if grpo_cfg.beta > 0 else None)
     if eval_prompts and state.step == 0:
         result.eval_rewards.append((0, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards, grpo_cfg, 0)))
         print0(f"held-out mean reward before training: {result.eval_rewards[-1][1]['reward']:.3f}")

@@ -367,7 +367,7 @@ def test_zero3_dpo_matches_ddp_with_a_sharded_reference(tmp_path, pair_data):
             port = s.getsockname()[1]
         out = tmp_path / backend
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(REPO / "tests" / "dist_dpo.py"), backend, str(pair_data), str(out),
+               str(REPO / "tests" / "dist_recipe.py"), "dpo", backend, str(pair_data), str(out),
                f"model.name_or_path={tmp_path / 'tiny'}", "train.max_steps=3", "train.micro_batch_size=1",
                "data.packing=true", "optim.lr=1e-2", "optim.max_grad_norm=0"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)

@@ -270,3 +270,27 @@ def test_demo_raises_the_held_out_reward(tmp_path):
     before, after = summary["eval"][0]["reward"], summary["eval"][-1]["reward"]
     assert after >= before + 0.2 and after >= 0.8, (before, after)
     assert "held-out mean reward" in proc.stdout and (tmp_path / "grpo" / "completions.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_grpo_rollouts_and_updates_run_sharded(tmp_path, prompt_data):
+    """2 CPU processes under ZeRO-3: synced generation of every rank's own prompts (one image prompt and one
+    text / video prompt per rank), a sharded reference (beta > 0), finite losses on both ranks."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    model, processor = build_tiny("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "zero3"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "tests" / "dist_recipe.py"), "grpo", "zero3", str(prompt_data), str(out),
+           f"model.name_or_path={tmp_path / 'tiny'}", "train.max_steps=2", "train.micro_batch_size=1", "grpo.beta=0.1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["model"] == "DeepSpeedEngine" and ranks[0]["reference"] == "DeepSpeedEngine"
+    assert ranks[0]["losses"] == ranks[1]["losses"] and all(math.isfinite(x) for x in ranks[0]["losses"])
