@@ -14,7 +14,8 @@ Data: `--prompts` x (warm-up + timed steps) seeded prompts, each one random-nois
 256 merged image tokens; the tiny preset 56x56) before ~50 words of text (about one token each). vltrain reads
 them as an upstream-format prompt file (no `<image>` placeholder: the image goes first, as TRL puts it);
 TRL gets a `datasets.Dataset` with a conversational "prompt" and an "image" column. Each tool's own prompt token
-count is reported (`prompt_tokens`): the same figure for both means they encoded the same prompts.
+count is reported (`prompt_tokens`, the median step's; `prompt_tokens_per_step`: every step's): equal sums over
+all steps mean they encoded the same prompts.
 
 One step = `--prompts` prompts x `--generations` completions (64 by default) for both tools: one generate call of
 all rows, one optimizer step. GRPO settings, the same for both: loss "dapo", beta 0 (no reference),
@@ -52,9 +53,20 @@ Reported per run (one table line, every field in `--out` JSON), over the median 
   update_s; `total_tokens_per_s` = (prompt + completion tokens) / step_s; `completion_tokens_per_s` =
   completion tokens / step_s. Prompt tokens count each completion's prompt once (a prompt is processed once per
   completion in the update), image tokens included.
+  The median of two timed steps is the slower one. `prompt_tokens_per_step` lists every step, warm-up included
+  (TRL's sampler shuffles the prompts, so the steps' prompt sets differ between tools; over all steps they are
+  the same prompts, each once).
 - peak memory (torch.cuda.max_memory_allocated, reset once the model is loaded, before the trainer / loop is
   built), the losses (first: warm-up step), completion length min / max, or the error ("OOM" included), and the
   run goes on to the next.
+Measured on an H200 (2026-12-01, `bash benchmarks/run_grpo.sh` with RUNS=vltrain,trl, defaults otherwise: 8 prompts
+x 8 completions x 256 tokens, 448x448 images, 1 warm-up + 2 timed steps, full fine-tuning, one process):
+vltrain 2707 total tokens/s (1162 completion tokens/s; rollout 1398 tok/s, update 16026 tok/s; step 14.1 s =
+11.7 s rollout + 2.4 s update), 33.7 GiB peak; TRL 1.16 GRPOTrainer 1246 total tokens/s (534 completion; rollout
+1238, update 2192; step 30.7 s = 13.2 s + 17.4 s), 32.1 GiB peak: 2.17x total, 1.13x rollout, 7.31x update.
+Every completion exactly 256 tokens for both, first losses ~1e-8 for both (dapo with ratio 1 and group-centred
+advantages of equal-length completions is ~0). A first run without `use_cache` for TRL (the checkpoint's config
+has it off) took 132-163 s a TRL step: hence generation_kwargs["use_cache"] below.
 """
 
 from __future__ import annotations
@@ -206,7 +218,10 @@ def run_trl(args, work: Path, records, device) -> dict:
         output_dir=str(work / "trl_out"), per_device_train_batch_size=args.trl_micro_batch,
         gradient_accumulation_steps=per_step // args.trl_micro_batch, max_steps=args.warmup + args.steps,
         num_generations=args.generations, max_completion_length=length,
-        generation_kwargs={"min_new_tokens": length, "suppress_tokens": media_token_ids(model.config)},
+        # use_cache: the saved config has use_cache=False (training); without it TRL's generate runs every token
+        # over the whole sequence (132 s a step measured on an H200); vltrain's GenerationSettings sets it too
+        generation_kwargs={"min_new_tokens": length, "suppress_tokens": media_token_ids(model.config),
+                           "use_cache": True},
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=EPSILON, loss_type=LOSS_TYPE,
         scale_rewards="group", use_vllm=False, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused" if cuda else "adamw_torch",
@@ -236,7 +251,7 @@ def run_trl(args, work: Path, records, device) -> dict:
     steps = args.warmup + args.steps
     assert len(rollouts) == len(timer.times) == steps, (len(rollouts), len(timer.times), steps)  # one rollout a step
     out = {"times": timer.times[args.warmup:], "rollouts": rollouts[args.warmup:], "generates": generates[args.warmup:],
-           "losses": timer.losses, "prompt_tokens": prompt_tokens[args.warmup:], "lengths": reward.lengths,
+           "losses": timer.losses, "prompt_tokens": prompt_tokens, "lengths": reward.lengths,
            "micro_batches": config.gradient_accumulation_steps,
            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
     del trainer, model
@@ -295,7 +310,7 @@ def run_vltrain(args, work: Path, records, device) -> dict:
     out = {"times": [m["time/rollout_s"] + m["time/reward_s"] + m["time/update_s"] for m in timed],
            "rollouts": [m["time/rollout_s"] + m["time/reward_s"] for m in timed],
            "generates": [m["time/rollout_s"] for m in timed], "losses": list(result.losses),
-           "prompt_tokens": rollout.prompt_tokens[args.warmup:], "lengths": reward.lengths,
+           "prompt_tokens": rollout.prompt_tokens, "lengths": reward.lengths,
            "micro_batches": train_cfg.gradient_accumulation_steps,
            "trainable_params": sum(p.numel() for p in built.model.parameters() if p.requires_grad),
            "kernels": list(getattr(built.model, "_vltrain_kernels", []))}
@@ -334,7 +349,7 @@ def run_one(tool: str, args, work: Path, records, device) -> dict:
         step_s, rollout_s, generate_s = out["times"][k], out["rollouts"][k], out["generates"][k]
         update_s = step_s - rollout_s
         completion = completions * args.completion_tokens
-        prompt = prompt_tokens[k]
+        prompt = prompt_tokens[args.warmup + k]  # prompt_tokens: every step, warm-up included
         result.update(
             ok=True, step_s=step_s, rollout_s=rollout_s, generate_s=generate_s, update_s=update_s,
             prompt_tokens=prompt, completion_tokens_per_step=completion, tokens_per_step=prompt + completion,
