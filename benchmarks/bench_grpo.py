@@ -59,6 +59,7 @@ Reported per run (one table line, every field in `--out` JSON), over the median 
 - peak memory (torch.cuda.max_memory_allocated, reset once the model is loaded, before the trainer / loop is
   built), the losses (first: warm-up step), completion length min / max, or the error ("OOM" included), and the
   run goes on to the next.
+
 Measured on an H200 (2026-12-01, `bash benchmarks/run_grpo.sh` with RUNS=vltrain,trl, defaults otherwise: 8 prompts
 x 8 completions x 256 tokens, 448x448 images, 1 warm-up + 2 timed steps, full fine-tuning, one process):
 vltrain 2707 total tokens/s (1162 completion tokens/s; rollout 1398 tok/s, update 16026 tok/s; step 14.1 s =
