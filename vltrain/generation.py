@@ -190,7 +190,7 @@ def add_dummy_media_row(model, batch: dict[str, torch.Tensor], pad_token_id: int
             grown[:rows, : width - length] = 0
         grown[rows, width - n:] = torch.tensor(tail, dtype=t.dtype)
         out[key] = grown
-    for key in MEDIA_KEYS:
+    for key in (*MEDIA_KEYS, "image_source", "video_source"):  # the real rows' media (and their sharing) unchanged
         if batch.get(key) is not None:
             out[key] = batch[key]
     return out | dummy.tensors, True  # (no second_per_grid_ts for a dummy video: the rope index takes 1 s per grid)
