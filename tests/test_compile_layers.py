@@ -43,7 +43,7 @@ def test_recipe_with_compiled_layers_trains_like_eager(tmp_path, mixed_data, mod
 def test_recipe_refuses_compile_layers_with_sharded_parameters(tmp_path, mixed_data, monkeypatch):
     import recipes.sft as recipe
 
-    monkeypatch.setattr(recipe, "parameters_sharded", lambda accelerator: True)
+    monkeypatch.setattr("vltrain.distributed.parameters_sharded", lambda accelerator: True)
     cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **{"model.kernels": "[compile_layers]"})
     with pytest.raises(ValueError, match="compile_layers is not supported under ZeRO-3/FSDP"):
         recipe.main(cfg)
