@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loops.common import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists

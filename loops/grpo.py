@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loops.common import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS
 from vltrain.data.pairs import collate_groups

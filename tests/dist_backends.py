@@ -54,7 +54,7 @@ def run(backend: str, data: str, out: str, overrides: list[str]) -> None:
         # inference_all_reduce only; ZeRO training never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    import loops.common as common
+    import vltrain.training as common
     import loops.sft as loop
     from vltrain.vision import batch_has_media
     import recipes.sft as recipe

@@ -29,6 +29,13 @@ RESERVED_KEYS = frozenset(("input_ids", "labels", "mm_token_type_ids", "attentio
                            *MEDIA_KEYS, *RECORD_LISTS))
 
 
+def located(conv: Conversation, position: int, source: str | None) -> Conversation:
+    """`conv` with the file (`source`, when given) and its position in it filled in for skip / truncation records."""
+    if source is None and conv.index is not None:
+        return conv
+    return dataclasses.replace(conv, source=source or conv.source, index=position if conv.index is None else conv.index)
+
+
 class SkippingDataset(Dataset):
     """`__getitem__` = `encode(index)`, or, when that sample cannot be used (SampleSkipped / MediaError), the
     next usable one carrying skip records of those it replaced (vltrain.data.skips). Subclasses define
@@ -106,9 +113,7 @@ class SFTDataset(SkippingDataset):
     @staticmethod
     def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:
         """`conv` with its source / index filled in; prompt-only records and reserved extra names refused."""
-        if source is not None or conv.index is None:
-            conv = dataclasses.replace(conv, source=source or conv.source,
-                                       index=position if conv.index is None else conv.index)
+        conv = located(conv, position, source)
         where = f"{conv.source}: sample {conv.index} (id={conv.sample_id!r})"
         if not conv.has_reply:
             raise DataFormatError(f"{where}: ends with a user turn, so there is no assistant reply to train on")

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, collate_extras, pad_collate
+from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, collate_extras, located, pad_collate
 from vltrain.data.encode import SampleSkipped, encode_completions
 from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records
 from vltrain.data.media import MediaOptions
@@ -180,11 +180,8 @@ class PairDataset(SkippingDataset):
     @staticmethod
     def _checked(pair: PreferencePair, position: int, source: str | None) -> PreferencePair:
         """`pair` with its prompt's source / index filled in; a replied prompt and reserved extra names refused."""
-        conv = pair.prompt
-        if source is not None or conv.index is None:
-            conv = dataclasses.replace(conv, source=source or conv.source,
-                                       index=position if conv.index is None else conv.index)
-            pair = dataclasses.replace(pair, prompt=conv)
+        conv = located(pair.prompt, position, source)
+        pair = dataclasses.replace(pair, prompt=conv)
         where = f"{conv.source}: sample {conv.index} (id={conv.sample_id!r})"
         if conv.has_reply:
             raise DataFormatError(f"{where}: the prompt ends with an assistant turn; it must end with a user turn")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset
+from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, located
 from vltrain.data.encode import encode_prompt, to_chat_messages
 from vltrain.data.formats import Conversation, DataFormatError, load_conversations
 from vltrain.data.media import MediaOptions
@@ -76,9 +76,7 @@ class PromptDataset(SkippingDataset):
 
     @staticmethod
     def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:
-        if source is not None or conv.index is None:
-            conv = dataclasses.replace(conv, source=source or conv.source,
-                                       index=position if conv.index is None else conv.index)
+        conv = located(conv, position, source)
         clash = sorted(PROMPT_RESERVED_KEYS & conv.extra.keys())
         if clash:
             raise DataFormatError(f"{conv.source}: sample {conv.index} (id={conv.sample_id!r}): field {clash[0]!r} "

@@ -1,4 +1,4 @@
-"""What every loop does around its step, shared so that no loop copies it (loops/sft.py, loops/dpo.py, ...).
+"""What every training loop does around its step, shared so that no loop copies it (loops/sft.py, dpo.py, grpo.py).
 
     run = prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader)   # before step 0
     ... the loop's own step ...
