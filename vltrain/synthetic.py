@@ -4,7 +4,8 @@ Each image holds one shape (circle / square / triangle) in one colour (red / gre
 near the centre, at a random size and offset. Each sample asks either its colour or its shape, with the (shape,
 colour, question) combinations balanced, so a model that ignores the pixels scores at chance
 (1/4 on colour questions, 1/3 on shape questions). Written as LLaVA JSON + PNG files so the demo
-goes through the same data path as a user's dataset.
+goes through the same data path as a user's dataset. The DPO pairs and the classification records
+(`write_shape_classes`: the shape's name as the label) are drawn the same way.
 """
 
 from __future__ import annotations
@@ -99,6 +100,21 @@ def write_shape_pairs(out_dir: str | Path, *, num_train: int = 1200, num_eval: i
         answer = colour if kind == "colour" else shape
         return {"id": sample_id, "image": image, "prompt": f"<image>\n{QUESTIONS[kind]}",
                 "chosen": chosen_reply(answer), "rejected": answer}
+
+    return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
+                              image_size=image_size, seed=seed)
+
+
+def write_shape_classes(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
+                        seed: int = 2) -> tuple[Path, Path]:
+    """Write the classification demo's records `{"id", "image", "label": shape}` (no prompt: the default prompt
+    applies; classes [circle, square, triangle], vltrain.data.labels) under `out_dir`, balanced over shapes and
+    colours. A model that ignores the pixels scores 1/3."""
+    params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 1,
+              "kind": "classes"}
+
+    def record(sample_id, image, shape, colour, kind):
+        return {"id": sample_id, "image": image, "label": shape}
 
     return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
                               image_size=image_size, seed=seed)

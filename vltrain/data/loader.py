@@ -26,10 +26,11 @@ from vltrain.tracking import print0
 
 
 def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size: int, shuffle: bool,
-                 seed: int = 0, collate_fn=None) -> DataLoader:
+                 seed: int = 0, collate_fn=None, sampler=None) -> DataLoader:
     """A DataLoader over `dataset`: packed rows when `data.packing` (per-example mRoPE ids need the model's
     `config`), else right-padded batches; `data.max_tokens_per_batch` fills micro-batches to a token budget
-    instead of `micro_batch_size` samples (every example's length is measured once, up front)."""
+    instead of `micro_batch_size` samples (every example's length is measured once, up front). A `sampler`
+    (e.g. vltrain.data.labels.ClassBalancedSampler) orders the samples instead of `shuffle`."""
     from vltrain.faults import worker_init_fn
 
     if collate_fn is None:
@@ -38,28 +39,36 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
                   persistent_workers=data_cfg.num_workers > 0,
                   worker_init_fn=worker_init_fn if data_cfg.num_workers > 0 else None)
     if data_cfg.max_tokens_per_batch:
+        if sampler is not None:
+            raise ValueError(f"data.max_tokens_per_batch={data_cfg.max_tokens_per_batch} batches by a token budget, "
+                             f"which cannot follow a {type(sampler).__name__}; set it to 0 or drop the sampler")
         lengths = example_lengths(dataset, data_cfg.num_workers)
         sampler = TokenBudgetBatchSampler(lengths, data_cfg.max_tokens_per_batch, shuffle=shuffle, seed=seed)
         print0(f"token budget {data_cfg.max_tokens_per_batch}: {len(dataset)} samples -> {len(sampler)} "
                f"micro-batches of {sampler.mean_tokens_per_batch():.0f} tokens on average")
         return DataLoader(dataset, batch_sampler=sampler, **common)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=False, **common)
     return DataLoader(dataset, batch_size=micro_batch_size, shuffle=shuffle, drop_last=False, **common)
 
 
-SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs")  # SFT records / DPO pairs (vltrain.synthetic)
+# SFT records / DPO pairs / classification records (vltrain.synthetic)
+SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs", "synthetic:shape_classes")
 
 
 def resolve_synthetic_data(data_cfg, output_dir) -> None:
-    """`data.train_path: synthetic:shapes` (the SFT demo) or `synthetic:shape_pairs` (the DPO demo): write the
+    """`data.train_path: synthetic:shapes` (the SFT demo), `synthetic:shape_pairs` (the DPO demo) or
+    `synthetic:shape_classes` (the classification demo: classes [circle, square, triangle]): write the
     generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
     `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
     if not data_cfg.train_path.startswith("synthetic:"):
         return
-    from vltrain.synthetic import write_shape_pairs, write_shapes_dataset
+    from vltrain.synthetic import write_shape_classes, write_shape_pairs, write_shapes_dataset
 
-    if data_cfg.train_path not in SYNTHETIC_SETS:
+    writers = dict(zip(SYNTHETIC_SETS, (write_shapes_dataset, write_shape_pairs, write_shape_classes)))
+    if data_cfg.train_path not in writers:
         raise ValueError(f"data.train_path={data_cfg.train_path!r}: the synthetic sets are {', '.join(SYNTHETIC_SETS)}")
-    write = write_shapes_dataset if data_cfg.train_path == "synthetic:shapes" else write_shape_pairs
+    write = writers[data_cfg.train_path]
     train_path, eval_path = write(Path(output_dir) / "data")
     data_cfg.train_path, data_cfg.eval_path = str(train_path), str(eval_path)
     data_cfg.image_folder = str(Path(train_path).parent / "images")

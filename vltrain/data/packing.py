@@ -1,7 +1,8 @@
 """Packing several Examples into one row, and micro-batches filled to a token budget.
 
 A packed micro-batch is ONE row with no padding:
-  input_ids, labels, mm_token_type_ids (1, L); position_ids (4, 1, L); media tensors concatenated in
+  input_ids, labels (when the examples have them; classification examples do not), mm_token_type_ids (1, L);
+  position_ids (4, 1, L); media tensors concatenated in
   example order, skip / truncation records concatenated and every other per-example key as a list in
   example order (as the padding collator does: vltrain.data.dataset.collate_extras); no attention_mask.
 position_ids row 0 holds text positions that restart at 0 for every example (this is how attention
@@ -31,24 +32,27 @@ from vltrain.families import RopeIndex
 
 
 def pack_examples(examples: list[dict[str, torch.Tensor]], rope_index: RopeIndex) -> dict[str, torch.Tensor]:
-    """Concatenate `examples` into one packed row (see the module docstring)."""
+    """Concatenate `examples` into one packed row (see the module docstring); `labels` only when every example
+    has them."""
+    has_labels = ["labels" in e for e in examples]
+    assert all(has_labels) or not any(has_labels), "labelled and unlabelled examples in one batch"
     input_ids, labels, types, positions = [], [], [], []
     for e in examples:
         n = len(e["input_ids"])
-        example_labels = e["labels"].clone()
-        example_labels[0] = IGNORE_INDEX  # never predict an example's first token from the previous example
+        if "labels" in e:
+            example_labels = e["labels"].clone()
+            example_labels[0] = IGNORE_INDEX  # never predict an example's first token from the previous example
+            labels.append(example_labels)
         input_ids.append(e["input_ids"])
-        labels.append(example_labels)
         types.append(e["mm_token_type_ids"])
         mrope = rope_index(e)
         assert mrope.shape == (3, n), (mrope.shape, n)
         positions.append(torch.cat([torch.arange(n)[None], mrope.to(torch.long)], dim=0))
-    batch = {
-        "input_ids": torch.cat(input_ids)[None],
-        "labels": torch.cat(labels)[None],
-        "mm_token_type_ids": torch.cat(types)[None],
-        "position_ids": torch.cat(positions, dim=1)[:, None],
-    }
+    batch = {"input_ids": torch.cat(input_ids)[None]}
+    if labels:
+        batch["labels"] = torch.cat(labels)[None]
+    batch["mm_token_type_ids"] = torch.cat(types)[None]
+    batch["position_ids"] = torch.cat(positions, dim=1)[:, None]
     return batch | collate_extras(examples, set(batch))
 
 
