@@ -186,7 +186,7 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, *, loss_typ
         weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
         loss = weights[targets] * loss
     elif focal_alpha is not None:
-        loss = torch.tensor(focal_alpha, dtype=torch.float32, device=logits.device)[targets] * loss
+        loss = torch.as_tensor(focal_alpha, dtype=torch.float32, device=logits.device)[targets] * loss
     return loss
 
 
@@ -237,7 +237,7 @@ def classification_metrics(scores, targets, *, problem_type: str, num_labels: in
     single_label: accuracy, macro_precision / macro_recall / macro_f1, auroc, confusion_matrix (num_labels x
     num_labels lists, rows true, columns predicted), per_class {name: precision, recall, f1, support};
     multi_label: accuracy (exact set match), the macro ones, micro_f1, auroc, per_class; regression: mse, mae,
-    r2. Every case also has num_examples. Averaging rules in the module docstring.
+    r2 (None for a single example). Every case also has num_examples. Averaging rules in the module docstring.
     """
     _check_problem_type(problem_type)
     scores, targets = _numpy(scores), _numpy(targets)
