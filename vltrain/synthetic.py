@@ -45,16 +45,17 @@ def draw_shape(shape: str, colour: str, size: int, rng: random.Random) -> Image.
 
 
 def _write_split_files(out_dir: Path, params: dict, make_record, *, num_train: int, num_eval: int, image_size: int,
-                       seed: int) -> tuple[Path, Path]:
+                       seed: int, combos: list[tuple[str, str, str]] | None = None) -> tuple[Path, Path]:
     """`train.json`, `eval.json` and `images/*.png` under `out_dir`, one image per record; `make_record(id, image
-    name, shape, colour, question kind)` gives the record. An existing set with the same `params` is reused."""
+    name, shape, colour, question kind)` gives the record, sample i drawing `combos[i % len(combos)]` (default:
+    every (shape, colour, question kind), shape-major). An existing set with the same `params` is reused."""
     stamp = out_dir / "params.json"
     train_path, eval_path = out_dir / "train.json", out_dir / "eval.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params and train_path.exists() and eval_path.exists():
         return train_path, eval_path
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    combos = list(itertools.product(SHAPES, COLOURS, QUESTIONS))
+    combos = combos or list(itertools.product(SHAPES, COLOURS, QUESTIONS))
     for split, count, path in (("train", num_train, train_path), ("eval", num_eval, eval_path)):
         records = []
         for i in range(count):
@@ -109,12 +110,14 @@ def write_shape_classes(out_dir: str | Path, *, num_train: int = 2400, num_eval:
                         seed: int = 2) -> tuple[Path, Path]:
     """Write the classification demo's records `{"id", "image", "label": shape}` (no prompt: the default prompt
     applies; classes [circle, square, triangle], vltrain.data.labels) under `out_dir`, balanced over shapes and
-    colours. A model that ignores the pixels scores 1/3."""
+    colours (exactly, for counts that are multiples of 12). A model that ignores the pixels scores 1/3."""
     params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 1,
               "kind": "classes"}
 
     def record(sample_id, image, shape, colour, kind):
         return {"id": sample_id, "image": image, "label": shape}
 
+    # shape fastest: any 3 consecutive samples hold each shape once, any 12 each (shape, colour) once
+    combos = [(shape, colour, "shape") for colour in COLOURS for shape in SHAPES]
     return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
-                              image_size=image_size, seed=seed)
+                              image_size=image_size, seed=seed, combos=combos)

@@ -100,25 +100,26 @@ class LabelSpec:
 
 
 # ------------------------------------------------------------------------------------------- labels
-def _class_id(value, spec: LabelSpec, where: str) -> int:
-    """One class: an int id, a class name (a name match wins), or a digit string id."""
+def _class_id(value, spec: LabelSpec, where: str, what: str = "label") -> int:
+    """One class: an int id, a class name (a name match wins), or a digit string id; errors say
+    "`where`: `what` <value> ..."."""
     if isinstance(value, bool) or value is None:
-        raise DataFormatError(f"{where}: label {value!r} is not a class (give an integer id or a class name)")
+        raise DataFormatError(f"{where}: {what} {value!r} is not a class (give an integer id or a class name)")
     if isinstance(value, str):
         if spec.classes is not None and value in spec.classes:
             return spec.classes.index(value)
         if not _INTEGER.fullmatch(value.strip()):
             known = f"one of the classes {list(spec.classes)}" if spec.classes else \
                 "an integer id (class names need the config's `classes` list)"
-            raise DataFormatError(f"{where}: label {value!r} is not {known}")
+            raise DataFormatError(f"{where}: {what} {value!r} is not {known}")
         class_id = int(value)
     elif isinstance(value, int):
         class_id = value
     else:
-        raise DataFormatError(f"{where}: label {value!r} is a {type(value).__name__}, not an integer class id or "
+        raise DataFormatError(f"{where}: {what} {value!r} is a {type(value).__name__}, not an integer class id or "
                               "a class name")
     if not 0 <= class_id < spec.num_labels:
-        raise DataFormatError(f"{where}: label {value!r} is outside the {spec.num_labels} classes "
+        raise DataFormatError(f"{where}: {what} {value!r} is outside the {spec.num_labels} classes "
                               f"(ids 0..{spec.num_labels - 1})")
     return class_id
 
@@ -145,7 +146,7 @@ def parse_label(value, spec: LabelSpec, where: str):
             return [float(v) for v in value]
         target = [0.0] * spec.num_labels
         for item in value:
-            target[_class_id(item, spec, f"{where} (in label {value!r})")] = 1.0
+            target[_class_id(item, spec, where, f"label {value!r}: item")] = 1.0
         return target
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float, str)):
         raise DataFormatError(f"{where}: label {value!r} is not a number (problem_type regression)")
