@@ -217,6 +217,8 @@ def test_dataset_from_conversations_needs_parsed_targets(cls_data, media_dir, pr
                         require_reply=False)
     with pytest.raises(DataFormatError, match=r"q.json: sample 0 \(id='q'\): no parsed 'target'"):
         ClassificationDataset([bare], processor, MEDIA, spec=SHAPE_SPEC, max_seq_length=1024)
+    with pytest.raises(DataFormatError, match=r"sample 3 \(id='text'\): target 0 is not a multi_label target"):
+        ClassificationDataset(convs[3:4], processor, MEDIA, spec=LabelSpec("multi_label", 3), max_seq_length=1024)
 
 
 # ------------------------------------------------------------------------------------------ collator
@@ -285,6 +287,23 @@ def test_class_balanced_sampler_is_deterministic_in_seed_and_epoch():
     b.set_epoch(3)
     assert list(b) != first
     assert list(ClassBalancedSampler(targets, seed=8)) != list(ClassBalancedSampler(targets, seed=7))
+
+
+def test_ranks_shard_one_balanced_draw():
+    """Each rank builds its own sampler (same seed); accelerate's shards of its batches partition one draw."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    targets = [0] * 45 + [1] * 5 + [2] * 14
+    full = ClassBalancedSampler(targets, seed=5)
+    full.set_epoch(1)
+    batches = list(BatchSampler(full, batch_size=4, drop_last=False))
+    shards = []
+    for rank in range(2):
+        sampler = ClassBalancedSampler(targets, seed=5)
+        sampler.set_epoch(1)
+        shards.append(list(BatchSamplerShard(BatchSampler(sampler, 4, False), num_processes=2, process_index=rank)))
+    assert shards[0] == batches[0::2] and shards[1] == batches[1::2]
 
 
 def test_class_balanced_sampler_multi_label_uses_the_rarest_positive_label():

@@ -225,6 +225,15 @@ def label_counts(conversations: list[Conversation], spec: LabelSpec) -> list[int
     return counts
 
 
+def _fits(target, spec: LabelSpec) -> bool:
+    """`target` has the type and range `parse_label` gives for `spec`."""
+    if spec.problem_type == "single_label":
+        return type(target) is int and 0 <= target < spec.num_labels
+    if spec.problem_type == "multi_label":
+        return isinstance(target, list) and len(target) == spec.num_labels and all(v in (0.0, 1.0) for v in target)
+    return type(target) is float
+
+
 # ------------------------------------------------------------------------------------------ dataset
 class ClassificationDataset(SkippingDataset):
     """Classification records (a data file, or Conversations from `load_cls_records`), encoded on access
@@ -239,19 +248,23 @@ class ClassificationDataset(SkippingDataset):
                                               lambda path: load_cls_records(path, spec, default_prompt), source,
                                               "records")
         self.spec = spec
-        self.conversations = [self._checked(c, i, source) for i, c in enumerate(conversations)]
+        self.conversations = [self._checked(c, i, source, spec) for i, c in enumerate(conversations)]
         self.path = source or self.conversations[0].source
         self._set_options(processor, media, max_seq_length=max_seq_length, image_folder=image_folder,
                           system_prompt=system_prompt, thinking=thinking, max_consecutive_skips=max_consecutive_skips)
 
     @staticmethod
-    def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:
+    def _checked(conv: Conversation, position: int, source: str | None, spec: LabelSpec) -> Conversation:
+        """`conv` with its source / index filled in; a reply, a missing target or one of another spec refused."""
         conv = located(conv, position, source)
         where = f"{conv.source}: sample {conv.index} (id={conv.sample_id!r})"
         if conv.has_reply:
             raise DataFormatError(f"{where}: a classification record's conversation must end with the user turn")
         if TARGET not in conv.extra:
             raise DataFormatError(f"{where}: no parsed 'target' (load classification records with load_cls_records)")
+        if not _fits(conv.extra[TARGET], spec):
+            raise DataFormatError(f"{where}: target {conv.extra[TARGET]!r} is not a {spec.problem_type} target of "
+                                  f"{spec.num_labels} labels (loaded with another LabelSpec?)")
         clash = sorted(RESERVED_KEYS & conv.extra.keys())
         if clash:
             raise DataFormatError(f"{where}: field {clash[0]!r} would overwrite the Example's own {clash[0]!r}; "
