@@ -2,14 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.config import DPOConfig, GRPOConfig, SFTConfig, dump_config, load_config
+from vltrain.config import CLSConfig, DPOConfig, GRPOConfig, SFTConfig, dump_config, load_config
 
 from conftest import REPO
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cls = DPOConfig if path.name.startswith("dpo") else GRPOConfig if path.name.startswith("grpo_") and "sft" not in path.name else SFTConfig
+    cls = (DPOConfig if path.name.startswith("dpo") else GRPOConfig if path.name.startswith("grpo_") and "sft" not in path.name
+           else CLSConfig if path.name.startswith("cls_") else SFTConfig)
     cfg = load_config(cls, path, [] if "demo" in path.name else ["data.train_path=x.json"])
     assert cfg.model.name_or_path
     first_line = path.read_text().splitlines()[0]

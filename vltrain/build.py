@@ -54,9 +54,11 @@ def _load_and_patch(model_cfg, lora_cfg, *, packing: bool, device=None):
     return model, processor, report
 
 
-def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, device=None) -> BuiltModel:
+def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, device=None,
+                allow_frozen: bool = False) -> BuiltModel:
     """Load and prepare the model to train (see the module docstring for the order); `device` places a
-    quantized (QLoRA) base, everything else is moved by `accelerator.prepare`."""
+    quantized (QLoRA) base, everything else is moved by `accelerator.prepare`. `allow_frozen`: a fully
+    frozen model is allowed (a classifier's head trains on top of it)."""
     from vltrain.lora import apply_lora
     from vltrain.models import enable_gradient_checkpointing
     from vltrain.trainable import configure_trainable, trainable_counts
@@ -70,7 +72,7 @@ def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, de
         report.append(f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha}"
                       + (" (DoRA)" if lora_cfg.use_dora else "") + (f", {lora_cfg.bits}-bit base" if lora_cfg.bits != 16 else ""))
     else:
-        counts = configure_trainable(model, trainable_cfg)
+        counts = configure_trainable(model, trainable_cfg, adapters_follow=allow_frozen)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, model_cfg.checkpoint_every_n_layers)
         report.append(f"gradient checkpointing: every {model_cfg.checkpoint_every_n_layers} layer(s), non-reentrant")

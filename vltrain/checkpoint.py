@@ -149,15 +149,22 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
 
 def export_model(accelerator, model, processor, cfg, out_dir: str | Path) -> Path:
     """`save_pretrained` weights + processor + resolved config, loadable by plain transformers (or,
-    for a peft model, `adapter/` for peft and optionally `merged/` for plain transformers)."""
+    for a peft model, `adapter/` for peft and optionally `merged/` for plain transformers). A classifier
+    (vltrain.classifier.VLClassifier) saves its backbone so, and its head as `head.safetensors` +
+    `classifier.json` in `out_dir` (reload: vltrain.classifier.load_classifier)."""
     out_dir = Path(out_dir)
     state_dict = accelerator.get_state_dict(model)  # gathers under ZeRO-3 / FSDP, once
     unwrapped = accelerator.unwrap_model(model)
+    head = None
+    if hasattr(unwrapped, "split_state_dict"):  # a classifier (vltrain.classifier): its backbone saves as any model
+        head, (unwrapped, state_dict, head_state) = unwrapped, unwrapped.split_state_dict(state_dict)
     is_peft = hasattr(unwrapped, "peft_config")
     if accelerator.is_main_process:
         target = out_dir / "adapter" if is_peft else out_dir
         target.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        if head is not None:
+            head.save_head(out_dir, head_state, base=cfg.model.name_or_path, dtype=cfg.model.dtype)
         processor.save_pretrained(target)
         dump_config(cfg, target / "vltrain_config.yaml")
         log.info("exported %s to %s", "adapter" if is_peft else "model", target)

@@ -176,6 +176,7 @@ class OptimConfig:
     lr: float = 1e-5  # the language model's learning rate
     vision_lr: float | None = None  # None: same as lr
     merger_lr: float | None = None  # None: same as lr
+    head_lr: float | None = None  # a classifier's head (recipes/cls.py only); None: same as lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -187,7 +188,7 @@ class OptimConfig:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
 
     def validate(self) -> None:
-        for name in ("lr", "vision_lr", "merger_lr"):
+        for name in ("lr", "vision_lr", "merger_lr", "head_lr"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {value}")
@@ -244,6 +245,8 @@ class SFTConfig:
                 raise ValueError(f"train.{name}={getattr(self.train, name)} needs data.eval_path (there is nothing to evaluate on)")
         if not self.data.train_path and not self.model.name_or_path.startswith("tiny:"):
             raise ValueError("data.train_path is required")
+        if self.optim.head_lr is not None and not hasattr(self, "cls"):
+            raise ValueError("optim.head_lr is the learning rate of a classifier's head (recipes/cls.py); this model has none")
 
 
 @dataclass
@@ -369,6 +372,107 @@ class GRPOConfig(SFTConfig):
             raise ValueError("grpo.eval_prompts needs data.eval_path (held-out prompts)")
 
 
+@dataclass
+class CLSSection:
+    """A classification head on the model (vltrain.classifier) and its loss (vltrain.classification)."""
+
+    num_labels: int | None = None  # None: len(classes) (regression: 1)
+    classes: list[str] | None = None  # class names by id: records may give names instead of ids
+    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    # None: cross_entropy (single_label), bce (multi_label), mse (regression); or focal_loss,
+    # class_balanced_cross_entropy, class_balanced_focal_loss (single_label)
+    loss_type: str | None = None
+    label_smoothing: float = 0.0  # cross_entropy / class_balanced_cross_entropy
+    focal_alpha: list[float] | None = None  # focal_loss: one weight per class (None: 1 each)
+    focal_gamma: float = 2.0  # focal losses: the focusing exponent (0 = cross-entropy)
+    class_balanced_beta: float = 0.999  # class-balanced losses: effective-number beta (Cui et al. 2019)
+    mlp_head_dim: int = 0  # 0: a linear head; > 0: a 2-layer MLP head with this hidden size
+    mlp_head_dropout: float = 0.0  # the MLP head's dropout
+    prompt: str = "What is in the image?"  # the user message of records without a `prompt` field
+    balanced_sampler: bool = False  # draw training samples so that every class comes up about equally often
+    # Evaluation: every train.eval_every steps (and at the end); the best evaluation by `metric_for_best` is kept
+    # (exported as final/) and stops training after `early_stopping_patience` evaluations without an
+    # improvement larger than `early_stopping_threshold` (0 = never stop early).
+    metric_for_best: str = "loss"
+    early_stopping_patience: int = 0
+    early_stopping_threshold: float = 0.01
+
+    def validate(self) -> None:
+        from vltrain.classification import LOSSES_FOR
+
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes) or not self.classes:
+                raise ValueError(f"cls.classes must be distinct names, got {self.classes}")
+            if self.num_labels is None:
+                self.num_labels = len(self.classes)
+            elif self.num_labels != len(self.classes):
+                raise ValueError(f"cls.num_labels={self.num_labels} but cls.classes names {len(self.classes)} classes")
+        if self.num_labels is None:
+            if self.problem_type != "regression":
+                raise ValueError("set cls.num_labels (the upstream's --num_labels) or cls.classes")
+            self.num_labels = 1
+        if self.problem_type == "regression" and self.num_labels != 1:
+            raise ValueError(f"cls.problem_type=regression predicts one number: cls.num_labels must be 1, got {self.num_labels}")
+        if self.problem_type != "regression" and self.num_labels < 2:
+            raise ValueError(f"cls.num_labels must be >= 2 for {self.problem_type}, got {self.num_labels}")
+        allowed = LOSSES_FOR[self.problem_type]
+        if self.loss_type is None:
+            self.loss_type = allowed[0]
+        if self.loss_type not in allowed:
+            raise ValueError(f"cls.loss_type={self.loss_type!r} does not fit cls.problem_type={self.problem_type}: "
+                             f"choose one of {', '.join(allowed)}")
+        defaults = CLSSection()
+        orphans = {"label_smoothing": ("cross_entropy", "class_balanced_cross_entropy"), "focal_alpha": ("focal_loss",),
+                   "focal_gamma": ("focal_loss", "class_balanced_focal_loss"),
+                   "class_balanced_beta": ("class_balanced_cross_entropy", "class_balanced_focal_loss")}
+        for name, losses in orphans.items():
+            if getattr(self, name) != getattr(defaults, name) and self.loss_type not in losses:
+                raise ValueError(f"cls.{name} only applies to cls.loss_type {' / '.join(losses)}, not {self.loss_type}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"cls.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.focal_alpha is not None and len(self.focal_alpha) != self.num_labels:
+            raise ValueError(f"cls.focal_alpha has {len(self.focal_alpha)} values for {self.num_labels} classes")
+        if self.focal_gamma < 0:
+            raise ValueError(f"cls.focal_gamma must be >= 0, got {self.focal_gamma}")
+        if not 0 <= self.class_balanced_beta < 1:
+            raise ValueError(f"cls.class_balanced_beta must be in [0, 1), got {self.class_balanced_beta}")
+        if self.mlp_head_dim < 0 or not 0 <= self.mlp_head_dropout < 1:
+            raise ValueError("cls.mlp_head_dim must be >= 0 and cls.mlp_head_dropout in [0, 1)")
+        if self.mlp_head_dropout and not self.mlp_head_dim:
+            raise ValueError("cls.mlp_head_dropout needs cls.mlp_head_dim > 0 (a linear head has no dropout)")
+        if self.balanced_sampler and self.problem_type == "regression":
+            raise ValueError("cls.balanced_sampler needs classes: it does not apply to regression")
+        metrics = CLS_METRICS[self.problem_type]
+        if self.metric_for_best not in metrics:
+            raise ValueError(f"cls.metric_for_best={self.metric_for_best!r}: for {self.problem_type} choose one of "
+                             f"{', '.join(metrics)}")
+        if self.early_stopping_patience < 0 or self.early_stopping_threshold < 0:
+            raise ValueError("cls.early_stopping_patience and cls.early_stopping_threshold must be >= 0")
+
+
+CLS_METRICS = {"single_label": ("loss", "accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc"),
+               "multi_label": ("loss", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "auroc"),
+               "regression": ("loss", "mse", "mae", "r2")}
+
+
+@dataclass
+class CLSConfig(SFTConfig):
+    """SFT's sections (same meaning; optim.head_lr for the head) plus `cls`."""
+
+    cls: CLSSection = field(default_factory=CLSSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/cls"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.cls.validate()
+        if self.train.eval_exact_match:
+            raise ValueError("train.eval_exact_match is an SFT option; classification reports accuracy and F1 on data.eval_path")
+        if self.cls.early_stopping_patience and not (self.train.eval_every and (self.data.eval_path or self.data.train_path.startswith("synthetic:"))):
+            raise ValueError("cls.early_stopping_patience needs evaluations: set data.eval_path and train.eval_every")
+        if self.cls.balanced_sampler and self.data.max_tokens_per_batch is not None:
+            raise ValueError("cls.balanced_sampler cannot be combined with data.max_tokens_per_batch (both choose the batches)")
+
+
 # --------------------------------------------------------------------------------------- loading
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML / CLI value to the annotated type, or raise naming the field."""
@@ -450,6 +554,14 @@ def _build(cls, values: dict, prefix: str = ""):
         where = f"{prefix}.{key}" if prefix else key
         kwargs[key] = _coerce(value, hints[key], where)
     return cls(**kwargs)
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """One config dataclass (a whole config or a section such as DataConfig) from plain values, validated."""
+    cfg = _build(cls, values, prefix)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:

@@ -39,6 +39,7 @@ class TrainState:
     num_skipped: int = 0  # samples skipped by the data layer so far, all ranks (summed at each checkpoint)
     num_bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     losses: list[float] = field(default_factory=list)  # one global-mean loss per optimizer step, from step 1
+    extra: dict = field(default_factory=dict)  # a loop's own resumable state (JSON values: early stopping, ...)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

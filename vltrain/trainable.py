@@ -1,5 +1,6 @@
 """Which parameters train: freeze vision tower / merger / LLM, unfreeze the top-k layers, and the
-named parameter groups (vision / merger / llm) that the optimizer gives their own learning rates."""
+named parameter groups (vision / merger / llm, and a classifier's head) that the optimizer gives their own
+learning rates."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import torch
 from vltrain.families import FamilySpec, family_spec, get_module
 
 PEFT_PREFIX = "base_model.model."
+BACKBONE_PREFIX, HEAD_PREFIX = "backbone.", "head."  # vltrain.classifier.VLClassifier's two parts
 
 
 def _strip_peft(name: str) -> str:
+    name = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 def param_component(name: str, spec: FamilySpec) -> str:
-    """'merger', 'vision' or 'llm' for a parameter name (peft prefixes tolerated)."""
+    """'head', 'merger', 'vision' or 'llm' for a parameter name (peft and classifier prefixes tolerated)."""
+    if name.startswith(HEAD_PREFIX):
+        return "head"
     name = _strip_peft(name)
     if any(name.startswith(m + ".") for m in spec.merger_modules):
         return "merger"
@@ -69,7 +74,8 @@ def trainable_counts(model) -> dict[str, int]:
     counts = {"llm": 0, "vision": 0, "merger": 0}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            counts[param_component(name, spec)] += getattr(p, "ds_numel", p.numel())  # ZeRO-3: p is a stub
+            component = param_component(name, spec)
+            counts[component] = counts.get(component, 0) + getattr(p, "ds_numel", p.numel())  # ZeRO-3: p is a stub
     return counts
 
 
@@ -92,6 +98,7 @@ def param_groups(model, optim_cfg) -> list[dict]:
         "llm": optim_cfg.lr,
         "vision": optim_cfg.vision_lr if optim_cfg.vision_lr is not None else optim_cfg.lr,
         "merger": optim_cfg.merger_lr if optim_cfg.merger_lr is not None else optim_cfg.lr,
+        "head": optim_cfg.head_lr if optim_cfg.head_lr is not None else optim_cfg.lr,
     }
     no_decay = _no_decay_names(model)
     groups: dict[tuple[str, bool], list] = {}

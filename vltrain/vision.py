@@ -85,7 +85,8 @@ def complete_modalities(model, batch: dict) -> tuple[dict, bool]:
         return torch.cat([t, col], dim=1)
 
     out["input_ids"] = grow(ids, 0, dummy.token_ids)
-    out["labels"] = grow(batch["labels"], IGNORE_INDEX, [IGNORE_INDEX] * n)
+    if batch.get("labels") is not None:  # unlabelled batches (classification) have none
+        out["labels"] = grow(batch["labels"], IGNORE_INDEX, [IGNORE_INDEX] * n)
     out["mm_token_type_ids"] = grow(batch["mm_token_type_ids"], 0, dummy.type_ids)
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = grow(batch["attention_mask"], 0, [1] * n)

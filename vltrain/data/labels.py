@@ -168,16 +168,18 @@ def _parse_prompt(record: dict, index: int, source: str) -> Conversation:
         raise DataFormatError(str(e).replace(" conversations[0]", " prompt")) from None
 
 
-def parse_cls_record(record: dict, index: int, source: str, spec: LabelSpec, default_prompt: str) -> Conversation:
-    """One classification record (module docstring) as a prompt-only Conversation with `extra["target"]`."""
+def parse_cls_record(record: dict, index: int, source: str, spec: LabelSpec, default_prompt: str, *,
+                     require_label: bool = True) -> Conversation:
+    """One classification record (module docstring) as a prompt-only Conversation with `extra["target"]` (None for
+    a record without `label` when not `require_label`: prediction)."""
     sample_id = str(record.get("id", index))
     where = f"{source}: sample {index} (id={sample_id!r})"
     if "labels" in record:
         raise DataFormatError(f"{where}: field 'labels' is reserved (the model's token labels); name the class "
                               "label 'label'")
-    if "label" not in record:
+    if "label" not in record and require_label:
         raise DataFormatError(f"{where}: missing field 'label'")
-    target = parse_label(record["label"], spec, where)
+    target = parse_label(record["label"], spec, where) if "label" in record else None
     rest = {k: v for k, v in record.items() if k not in ("label", "prompt")}
     has_turns = "conversations" in record or "messages" in record
     if has_turns:
@@ -203,11 +205,14 @@ def parse_cls_record(record: dict, index: int, source: str, spec: LabelSpec, def
     return conv
 
 
-def load_cls_records(path: str | Path, spec: LabelSpec, default_prompt: str = DEFAULT_PROMPT) -> list[Conversation]:
+def load_cls_records(path: str | Path, spec: LabelSpec, default_prompt: str = DEFAULT_PROMPT, *,
+                     require_label: bool = True) -> list[Conversation]:
     """Every record of a classification file, validated up front (one user turn: media + prompt text, or a
     conversation ending with a user turn); `conv.extra["target"]` = parse_label(record["label"]), the record's
-    other fields stay in `conv.extra` (they reach the batch as lists)."""
-    return [parse_cls_record(r, i, str(path), spec, default_prompt) for i, r in enumerate(read_records(path))]
+    other fields stay in `conv.extra` (they reach the batch as lists). `require_label=False` (prediction): a
+    record without `label` gets target None."""
+    return [parse_cls_record(r, i, str(path), spec, default_prompt, require_label=require_label)
+            for i, r in enumerate(read_records(path))]
 
 
 def label_counts(conversations: list[Conversation], spec: LabelSpec) -> list[int]:
@@ -262,7 +267,7 @@ class ClassificationDataset(SkippingDataset):
             raise DataFormatError(f"{where}: a classification record's conversation must end with the user turn")
         if TARGET not in conv.extra:
             raise DataFormatError(f"{where}: no parsed 'target' (load classification records with load_cls_records)")
-        if not _fits(conv.extra[TARGET], spec):
+        if conv.extra[TARGET] is not None and not _fits(conv.extra[TARGET], spec):
             raise DataFormatError(f"{where}: target {conv.extra[TARGET]!r} is not a {spec.problem_type} target of "
                                   f"{spec.num_labels} labels (loaded with another LabelSpec?)")
         clash = sorted(RESERVED_KEYS & conv.extra.keys())
@@ -308,6 +313,11 @@ class ClsCollator:
             batch = pack_examples(examples, self.rope_index)
         else:
             batch = pad_collate(examples, self.pad_token_id)
+        if any(t is None for t in batch[TARGET]):  # unlabelled records (prediction): no targets at all
+            if not all(t is None for t in batch[TARGET]):
+                raise DataFormatError("a batch mixes records with and without 'label': label every record or none")
+            del batch[TARGET]
+            return batch
         batch[TARGET] = torch.tensor(batch[TARGET], dtype=_TARGET_DTYPES[self.problem_type])
         return batch
 
