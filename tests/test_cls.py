@@ -19,10 +19,10 @@ from vltrain.classifier import HeadSpec, VLClassifier, last_token_positions, loa
 from vltrain.config import CLSConfig, CLSSection, OptimConfig, TrainConfig, load_config
 from vltrain.data.labels import ClassificationDataset, ClsCollator, LabelSpec
 from vltrain.data.media import MediaOptions
-from vltrain.families import family_spec
+from vltrain.families import family_spec, get_module
 from vltrain.tiny import build_tiny
 
-from conftest import REPO
+from conftest import FAMILIES, REPO
 
 
 def cls_records() -> list[dict]:
@@ -112,6 +112,19 @@ def test_scores_are_the_same_alone_padded_left_padded_and_packed(model_type, cls
     assert not torch.allclose(alone[0], alone[1])  # the examples really differ
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_scores_a_mixed_batch_and_trains_the_head_and_backbone(model_type, cls_data):
+    backbone, processor = build_tiny(model_type)
+    model = VLClassifier(backbone, HeadSpec(num_labels=3, mlp_head_dim=8))
+    dataset = _dataset(model_type, processor, cls_data)
+    batch = _collate(backbone, processor, False)([dataset[i] for i in range(len(dataset))])
+    logits = model(**batch)
+    assert logits.shape == (4, 3) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, batch["target"]).backward()
+    assert model.head[0].weight.grad.abs().sum() > 0
+    assert get_module(backbone, family_spec(backbone).vision_module).patch_embed.proj.weight.grad.abs().sum() > 0
+
+
 def test_the_lm_head_never_runs(cls_data):
     backbone, processor = build_tiny("qwen2_5_vl")
     model = VLClassifier(backbone, HeadSpec(num_labels=3))
@@ -142,13 +155,15 @@ def test_lora_head_gets_no_adapters_and_its_own_learning_rate(tmp_path, cls_data
     assert groups["head"]["lr"] == 0.05 and groups["llm"]["lr"] == cfg.optim.lr
 
 
-def test_a_fully_frozen_backbone_trains_only_the_head(tmp_path, cls_data):
+@pytest.mark.parametrize("frozen", [["freeze_llm"], ["freeze_llm", "freeze_vision_tower", "freeze_merger"]],
+                         ids=["frozen_llm", "linear_probe"])
+def test_a_frozen_llm_or_a_fully_frozen_backbone_trains(tmp_path, cls_data, frozen):
     from recipes.cls import main
 
-    cfg = cls_config(tmp_path, cls_data, **{"trainable.freeze_llm": "true", "trainable.freeze_vision_tower": "true",
-                                            "trainable.freeze_merger": "true", "train.max_steps": 3})
+    cfg = cls_config(tmp_path, cls_data, **{f"trainable.{name}": "true" for name in frozen},
+                     **{"train.max_steps": 6, "train.micro_batch_size": 4, "data.eval_path": str(cls_data)})
     summary = main(cfg)
-    assert summary["steps"] == 3 and summary["losses"][-1] < summary["losses"][0]
+    assert summary["steps"] == 6 and summary["eval"][-1]["loss"] < summary["eval"][0]["loss"]
 
 
 def test_research_code_trains_with_objects_it_builds_itself(tmp_path, cls_data):
