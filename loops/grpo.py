@@ -256,7 +256,10 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
             # 2. rewards and advantages
             values = _rewards(rewards, prompts, generations, G, state.step + 1, state.epoch)
             totals = total_reward(values, rewards)
-            advantages = group_advantages(totals, G, scale=grpo_cfg.scale_rewards)
+            every_rank = None
+            if grpo_cfg.scale_rewards == "batch" and accelerator.num_processes > 1:  # the std of the global batch
+                every_rank = torch.tensor([r for part in gather_lists(accelerator, [totals.tolist()]) for r in part])
+            advantages = group_advantages(totals, G, scale=grpo_cfg.scale_rewards, batch_rewards=every_rank)
             t2 = time.perf_counter()
             # 3. update: the step's micro-batches of completions, the step's normaliser, num_iterations steps
             slices = _slices(list(range(len(prompts))), ga)

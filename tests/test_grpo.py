@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
 
-from loops.grpo import per_sequence, rollout_settings, train, training_batch
+from loops.grpo import grpo_loss, per_sequence, rollout_settings, train, training_batch
 from vltrain.config import GRPOConfig, load_config
 from vltrain.data.media import MediaOptions
 from vltrain.data.prompts import PromptDataset, collate_prompts
@@ -117,6 +117,36 @@ def test_training_rows_label_only_the_completion_and_per_sequence_reads_them_bac
     assert batch["image_source"].tolist() == [0, 0, 1, 1]  # each image prompt's pixels once, two rows each
 
 
+def test_mask_truncated_completions_masks_cut_completions_out_of_the_loss(prompt_data):
+    """A completion cut at max_completion_length gets completion_mask 0 and no gradient; a finished one keeps it."""
+    import dataclasses
+
+    model, processor = build_tiny("qwen2_5_vl")
+    ds = _dataset("qwen2_5_vl", processor, prompt_data)
+    prompts = [ds[i] for i in range(2)]
+    generations = generate_encoded(model, processor, prompts, rollout_settings(grpo_config(
+        prompt_data.parent, prompt_data).grpo), num_generations=2, show_progress=False)
+    reasons = ["length", "stop", "stop", "length"]
+    generations = [dataclasses.replace(g, finish_reason=r) for g, r in zip(generations, reasons)]
+    pad = processor.tokenizer.pad_token_id
+    kept = training_batch(prompts, generations, 2, rope_index=None, pad_token_id=pad, mask_truncated=False)
+    masked = training_batch(prompts, generations, 2, rope_index=None, pad_token_id=pad, mask_truncated=True)
+    assert kept["completion_mask"].tolist() == [1.0] * 4
+    assert masked["completion_mask"].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+    grpo_cfg = grpo_config(prompt_data.parent, prompt_data).grpo
+
+    def grads(batch, advantages):
+        model.zero_grad()
+        grpo_loss(model, batch, grpo_cfg, advantages=advantages, normaliser=10.0)[0].backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+
+    only_finished = torch.tensor([0.0, 1.0, -1.0, 0.0])
+    big_on_truncated = torch.tensor([5.0, 1.0, -1.0, -7.0])  # changes nothing once the cut rows are masked
+    torch.testing.assert_close(grads(masked, big_on_truncated), grads(masked, only_finished))
+    assert not torch.allclose(grads(kept, big_on_truncated), grads(kept, only_finished))
+
+
 def test_research_code_learns_from_a_reward_file(tmp_path, prompt_data):
     """`from loops.grpo import train` with hand-built objects: the reward from a user's file rises."""
     model, processor = build_tiny("qwen2_vl")
@@ -202,7 +232,8 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, prompt_data):
             "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
             "train.report_to=none", "train.max_steps=60", "train.micro_batch_size=2", "train.log_every=1",
             f"train.output_dir={tmp_path / 'out'}", "optim.warmup_steps=0", "grpo.num_generations=4",
-            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]"]
+            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]",
+            "grpo.scale_rewards=batch"]  # its std gathered from both ranks
     proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "grpo.py"), *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -228,7 +259,8 @@ def test_two_process_cpu_run(tmp_path, prompt_data):
             "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
             "data.packing=true", "train.report_to=none", "train.max_steps=2", "train.micro_batch_size=1",
             f"train.output_dir={tmp_path / 'out'}", "optim.warmup_steps=0", "grpo.num_generations=4",
-            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]"]
+            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]",
+            "grpo.scale_rewards=batch"]  # its std gathered from both ranks
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29539",
            str(REPO / "recipes" / "grpo.py"), *args]

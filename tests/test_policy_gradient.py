@@ -113,6 +113,17 @@ def test_group_advantages_scale_batch_and_none_by_hand():
     assert not torch.isnan(none).any()
 
 
+def test_group_advantages_batch_scale_uses_the_global_batch_when_given():
+    """Under several ranks the loop passes every rank's rewards: the std is the global batch's, not this rank's."""
+    mine, others = REWARDS[:6], [5.0, -3.0, 0.5]
+    std_global = statistics.stdev(mine + others)
+    means = [statistics.mean(mine[3 * g:3 * g + 3]) for g in range(2)]
+    expected = [(r - means[k // 3]) / (std_global + 1e-4) for k, r in enumerate(mine)]
+    got = group_advantages(t(mine), 3, scale="batch", batch_rewards=t(mine + others))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert got.tolist() != pytest.approx(group_advantages(t(mine), 3, scale="batch").tolist(), rel=1e-3)
+
+
 def test_group_advantages_nan_reward_gets_zero_and_leaves_the_baseline():
     out = group_advantages(t([1.0, float("nan"), 3.0, 2.0, 6.0, 4.0]), 3, scale="group")
     assert out[1].item() == 0.0

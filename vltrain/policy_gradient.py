@@ -129,11 +129,13 @@ def _nanstd(x: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str | RewardScale = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) advantages from rewards (N,), N = prompts * group_size with each prompt's completions contiguous.
 
-    A = r - mean(group), divided by std(group) + eps ("group"), std(all N) + eps ("batch") or nothing ("none");
-    std unbiased, NaN rewards ignored and given advantage 0 (module docstring). Returns fp32.
+    A = r - mean(group), divided by std(group) + eps ("group"), std(batch) + eps ("batch") or nothing ("none");
+    the batch is `batch_rewards` (M,) when given -- the loop passes every rank's rewards of the step, so the
+    scale is that of the global batch -- else `rewards`. std unbiased, NaN rewards ignored and given advantage 0
+    (module docstring). Returns fp32.
     ValueError when N is not a multiple of group_size, group_size < 1 or scale is unknown.
     """
     scale = _parse(RewardScale, scale, "grpo.scale_rewards")
@@ -150,7 +152,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str | Rew
     if scale is RewardScale.GROUP:
         advantages = advantages / (_nanstd(grouped, dim=1) + eps)
     elif scale is RewardScale.BATCH:
-        advantages = advantages / (_nanstd(grouped, dim=None) + eps)
+        pool = grouped if batch_rewards is None else batch_rewards.float().to(grouped.device)
+        advantages = advantages / (_nanstd(pool, dim=None) + eps)
     return torch.nan_to_num(advantages.reshape(num), nan=0.0)
 
 
