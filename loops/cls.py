@@ -25,16 +25,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from vltrain.classification import EarlyStopping, classification_loss, classification_metrics, predictions, scalar_metrics
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
-from vltrain.faults import NonFiniteGuard, Preemption, backward
-from vltrain.progress import resumable_batches
+from vltrain.faults import Preemption, backward
 from vltrain.tracking import print0
-from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
+                              start_steps)
 
 
 def num_examples(batch: dict) -> int:
@@ -138,12 +137,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, cls_cfg, eval_
 
     if run.eval_loader is not None and state.step == 0:
         run_eval(0)  # before training: the baseline
-    guard = NonFiniteGuard(tcfg.max_bad_steps)
     truncations: list[dict] = []
-    batches = resumable_batches(accelerator, run.train_loader, state.epoch, state.next_batch)
-    bar = tqdm(total=run.num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="cls",
-               dynamic_ncols=True)
-    model.train()
+    guard, batches, bar = start_steps(accelerator, run, "cls")
     with Preemption() as preemption:
         while state.step < run.num_steps and not early.should_stop:
             t0 = time.perf_counter()

@@ -38,14 +38,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
+                              start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
-from vltrain.faults import NonFiniteGuard, Preemption, backward
+from vltrain.faults import Preemption, backward
 from vltrain.logprobs import sequence_logprobs
 from vltrain.preference import PairLogps, needs_reference, preference_loss
-from vltrain.progress import resumable_batches
 from vltrain.tracking import print0
 from vltrain.vision import shared_media, vision_frozen
 
@@ -209,12 +209,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
 
     if run.eval_loader is not None and state.step == 0:
         run_eval(0)  # before training: the baseline the final eval is compared with
-    guard = NonFiniteGuard(tcfg.max_bad_steps)
     truncations: list[dict] = []
-    batches = resumable_batches(accelerator, run.train_loader, state.epoch, state.next_batch)
-    bar = tqdm(total=run.num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="dpo",
-               dynamic_ncols=True)
-    model.train()
+    guard, batches, bar = start_steps(accelerator, run, "dpo")
     with Preemption() as preemption:
         while state.step < run.num_steps:
             t0 = time.perf_counter()

@@ -35,19 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
+                              start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS
 from vltrain.data.pairs import collate_groups
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
-from vltrain.faults import NonFiniteGuard, Preemption, backward
+from vltrain.faults import Preemption, backward
 from vltrain.generation import Generation, GenerationSettings, generate_encoded
 from vltrain.logprobs import sequence_ids, token_logprobs, token_logprobs_and_entropy
 from vltrain.policy_gradient import group_advantages, loss_normaliser, policy_loss
-from vltrain.progress import resumable_batches
 from vltrain.rewards import compute_rewards, reward_stats, total_reward
 from vltrain.tracking import print0
 from vltrain.vision import shared_media
@@ -238,11 +237,7 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
         result.eval_rewards.append((0, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards, grpo_cfg, 0)))
         print0(f"held-out mean reward before training: {result.eval_rewards[-1][1]['reward']:.3f}")
 
-    guard = NonFiniteGuard(tcfg.max_bad_steps)
-    batches = resumable_batches(accelerator, run.train_loader, state.epoch, state.next_batch)
-    bar = tqdm(total=run.num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="grpo",
-               dynamic_ncols=True)
-    model.train()
+    guard, batches, bar = start_steps(accelerator, run, "grpo")
     with Preemption() as preemption:
         while state.step < run.num_steps:
             # 1. rollout: this rank's prompts of the whole step, one generate pass

@@ -23,14 +23,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from vltrain.training import data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run
+from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
+                              start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
-from vltrain.faults import NonFiniteGuard, Preemption, backward
-from vltrain.progress import model_inputs, resumable_batches
+from vltrain.faults import Preemption, backward
+from vltrain.progress import model_inputs
 from vltrain.tracking import print0
 from vltrain.vision import complete_modalities, link_dummy_features
 
@@ -102,12 +102,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
     world = accelerator.num_processes
 
     result = TrainResult(step=state.step, model=model)
-    guard = NonFiniteGuard(tcfg.max_bad_steps)
     truncations: list[dict] = []  # this run's, this rank's, one per encode (an epoch counts again); each was warned
-    batches = resumable_batches(accelerator, run.train_loader, state.epoch, state.next_batch)
-    bar = tqdm(total=run.num_steps, initial=state.step, disable=not accelerator.is_main_process, desc="sft",
-               dynamic_ncols=True)
-    model.train()
+    guard, batches, bar = start_steps(accelerator, run, "sft")
     with Preemption() as preemption:
         while state.step < run.num_steps:
             t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """What every training loop does around its step, shared so that no loop copies it (loops/sft.py, dpo.py, grpo.py).
 
     run = prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader)   # before step 0
+    guard, batches, bar = start_steps(accelerator, run, "sft")                              # just before step 0
     ... the loop's own step ...
     stop = end_of_step(accelerator, run, preemption, skips, eval_fn)                        # after every step
     report = data_report(accelerator, run, skips, truncations)                              # after the loop
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
-from vltrain.faults import optimizer_step
+from tqdm.auto import tqdm
+
+from vltrain.faults import NonFiniteGuard, optimizer_step
 from vltrain.optim import build_optimizer, build_scheduler
-from vltrain.progress import TrainState, describe_run, total_steps
+from vltrain.progress import TrainState, describe_run, resumable_batches, total_steps
 from vltrain.tracking import format_step, peak_memory_gib, print0
 
 
@@ -62,6 +65,17 @@ def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loa
                f"params {sum(p.numel() for p in group['params']):,}")
     return Run(model, optimizer, scheduler, train_loader, eval_loader, train_cfg, num_steps, state,
                skipped_before=state.num_skipped, bad_before=state.num_bad_steps)
+
+
+def start_steps(accelerator, run: Run, desc: str) -> tuple[NonFiniteGuard, object, tqdm]:
+    """Just before the first step: the non-finite step guard (vltrain.faults), the endless batch iterator from the
+    resumed position (vltrain.progress.resumable_batches), the progress bar, and the model in train mode."""
+    guard = NonFiniteGuard(run.train_cfg.max_bad_steps)
+    batches = resumable_batches(accelerator, run.train_loader, run.state.epoch, run.state.next_batch)
+    bar = tqdm(total=run.num_steps, initial=run.state.step, disable=not accelerator.is_main_process, desc=desc,
+               dynamic_ncols=True)
+    run.model.train()
+    return guard, batches, bar
 
 
 def end_of_step(accelerator, run: Run, preemption, skips, eval_fn=None) -> str | None:

@@ -36,20 +36,34 @@ def located(conv: Conversation, position: int, source: str | None) -> Conversati
     return dataclasses.replace(conv, source=source or conv.source, index=position if conv.index is None else conv.index)
 
 
+def check_reserved(conv: Conversation, reserved=RESERVED_KEYS, what: str = "Example") -> Conversation:
+    """`conv`, or a DataFormatError when one of its extra fields would overwrite a key the dataset builds itself."""
+    clash = sorted(reserved & conv.extra.keys())
+    if clash:
+        raise DataFormatError(f"{conv.source}: sample {conv.index} (id={conv.sample_id!r}): field {clash[0]!r} would "
+                              f"overwrite the {what}'s own {clash[0]!r}; rename it in the data file")
+    return conv
+
+
 class SkippingDataset(Dataset):
     """`__getitem__` = `encode(index)`, or, when that sample cannot be used (SampleSkipped / MediaError), the
     next usable one carrying skip records of those it replaced (vltrain.data.skips). Subclasses define
-    `encode`, `conversation(index)` (whose source / index / id name a skipped sample), `__len__`, and set
-    `path` and `max_consecutive_skips`; shared by SFTDataset and vltrain.data.pairs.PairDataset."""
+    `encode`, set `path` and `max_consecutive_skips`, and either hold `self.conversations` or define `__len__`
+    and `conversation(index)` (whose source / index / id name a skipped sample); shared by SFTDataset,
+    PairDataset, PromptDataset and ClassificationDataset."""
 
     path: str
     max_consecutive_skips: int
+    conversations: list[Conversation]
 
     def encode(self, index: int) -> dict:
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        return len(self.conversations)
+
     def conversation(self, index: int) -> Conversation:
-        raise NotImplementedError
+        return self.conversations[index]
 
     @staticmethod
     def _records(path_or_records, load, source: str | None, what: str) -> tuple[list, str | None]:
@@ -117,23 +131,13 @@ class SFTDataset(SkippingDataset):
         where = f"{conv.source}: sample {conv.index} (id={conv.sample_id!r})"
         if not conv.has_reply:
             raise DataFormatError(f"{where}: ends with a user turn, so there is no assistant reply to train on")
-        clash = sorted(RESERVED_KEYS & conv.extra.keys())
-        if clash:
-            raise DataFormatError(f"{where}: field {clash[0]!r} would overwrite the Example's own {clash[0]!r}; "
-                                  "rename it in the data file")
-        return conv
-
-    def __len__(self) -> int:
-        return len(self.conversations)
+        return check_reserved(conv)
 
     def encode(self, index: int) -> dict:
         conv = self.conversations[index]
         example = encode(conv, self.processor, self.media, max_seq_length=self.max_seq_length,
                          image_folder=self.image_folder, system_prompt=self.system_prompt, thinking=self.thinking)
         return example | conv.extra
-
-    def conversation(self, index: int) -> Conversation:
-        return self.conversations[index]
 
 
 def collate_extras(examples: list[dict], known) -> dict:

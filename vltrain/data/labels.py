@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from vltrain.data.dataset import MAX_CONSECUTIVE_SKIPS, RESERVED_KEYS, SkippingDataset, located, pad_collate
+from vltrain.data.dataset import MAX_CONSECUTIVE_SKIPS, RESERVED_KEYS, SkippingDataset, check_reserved, located, pad_collate
 from vltrain.data.encode import encode_unlabeled
 from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records
 from vltrain.data.media import MediaOptions
@@ -270,17 +270,7 @@ class ClassificationDataset(SkippingDataset):
         if conv.extra[TARGET] is not None and not _fits(conv.extra[TARGET], spec):
             raise DataFormatError(f"{where}: target {conv.extra[TARGET]!r} is not a {spec.problem_type} target of "
                                   f"{spec.num_labels} labels (loaded with another LabelSpec?)")
-        clash = sorted(RESERVED_KEYS & conv.extra.keys())
-        if clash:
-            raise DataFormatError(f"{where}: field {clash[0]!r} would overwrite the Example's own {clash[0]!r}; "
-                                  "rename it in the data file")
-        return conv
-
-    def __len__(self) -> int:
-        return len(self.conversations)
-
-    def conversation(self, index: int) -> Conversation:
-        return self.conversations[index]
+        return check_reserved(conv)
 
     def encode(self, index: int) -> dict:
         conv = self.conversations[index]

@@ -27,9 +27,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, located
+from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, check_reserved, located
 from vltrain.data.encode import encode_prompt, to_chat_messages
-from vltrain.data.formats import Conversation, DataFormatError, load_conversations
+from vltrain.data.formats import Conversation, load_conversations
 from vltrain.data.media import MediaOptions
 
 PROMPT_RESERVED_KEYS = RESERVED_KEYS | {"assistant", "prompt"}
@@ -76,18 +76,7 @@ class PromptDataset(SkippingDataset):
 
     @staticmethod
     def _checked(conv: Conversation, position: int, source: str | None) -> Conversation:
-        conv = located(conv, position, source)
-        clash = sorted(PROMPT_RESERVED_KEYS & conv.extra.keys())
-        if clash:
-            raise DataFormatError(f"{conv.source}: sample {conv.index} (id={conv.sample_id!r}): field {clash[0]!r} "
-                                  f"would overwrite the prompt Example's own {clash[0]!r}; rename it in the data file")
-        return conv
-
-    def __len__(self) -> int:
-        return len(self.conversations)
-
-    def conversation(self, index: int) -> Conversation:
-        return self.conversations[index]
+        return check_reserved(located(conv, position, source), PROMPT_RESERVED_KEYS, "prompt Example")
 
     def encode(self, index: int) -> dict:
         prompt, answer = split_prompt(self.conversations[index])
