@@ -346,3 +346,49 @@ def test_demo_classifies_the_shapes(tmp_path):
     assert summary["best"]["accuracy"] >= 0.90, summary["best"]
     assert "held-out accuracy and macro_f1" in proc.stdout
     assert (tmp_path / "cls" / "best" / "head.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_gpu_bf16_packed_with_kernels_matches_padded(model_type, cls_data):
+    """bf16 on CUDA with every kernel: a packed row of the four examples scores as the padded batch does."""
+    from vltrain.build import build_model
+    from vltrain.config import LoraConfig, ModelConfig, TrainableConfig
+
+    model_cfg = ModelConfig(name_or_path=f"tiny:{model_type}", dtype="bfloat16", attn_implementation="sdpa", kernels=["all"])
+    padded_model = VLClassifier(build_model(model_cfg, TrainableConfig(), LoraConfig()).model, HeadSpec(num_labels=3))
+    built = build_model(model_cfg, TrainableConfig(), LoraConfig(), packing=True)
+    packed_model = VLClassifier(built.model, HeadSpec(num_labels=3))
+    packed_model.head.load_state_dict(padded_model.head.state_dict())
+    padded_model, packed_model = padded_model.cuda().eval(), packed_model.cuda().eval()
+    ds = _dataset(model_type, built.processor, cls_data)
+    examples = [ds[i] for i in range(4)]
+    on_gpu = lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    with torch.no_grad():
+        padded = padded_model(**on_gpu(_collate(built.model, built.processor, False)(examples)))
+        packed = packed_model(**on_gpu(_collate(built.model, built.processor, True)(examples)))
+    assert packed.shape == (4, 3) and torch.isfinite(packed).all()
+    torch.testing.assert_close(packed, padded, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp2_run_trains_evaluates_and_exports(tmp_path, cls_data):
+    """accelerate launch --config_file accelerate_configs/fsdp2.yaml (one GPU process): the head sits in the root
+    FSDP unit, the backbone's layers in their own; the export reloads and scores as the run's last evaluation."""
+    args = [f"data.train_path={cls_data}", f"data.eval_path={cls_data}", f"data.image_folder={cls_data.parent}",
+            "model.name_or_path=tiny:qwen2_5_vl", "model.dtype=float32", "model.attn_implementation=sdpa",
+            "data.num_workers=0", "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}",
+            f"data.video_max_pixels={64 * 64}", "cls.classes=[cat,dog,bird]", "train.report_to=none",
+            "train.max_steps=4", "train.micro_batch_size=2", f"train.output_dir={tmp_path / 'out'}",
+            "optim.warmup_steps=0", "optim.lr=3e-3"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+           str(REPO / "recipes" / "cls.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval"][-1]["num_examples"] == 4
+    from vltrain.predict import predict_file
+
+    report = predict_file(summary["export_dir"], cls_data, tmp_path / "p.jsonl", image_folder=str(cls_data.parent))
+    assert report["metrics"]["accuracy"] == pytest.approx(summary["eval"][-1]["accuracy"])

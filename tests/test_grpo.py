@@ -287,6 +287,26 @@ def test_lora_rollouts_train_the_adapters_and_a_too_long_prompt_is_skipped(tmp_p
     assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_mislabeled_shapes_mislabel_the_train_answers_only_and_consistently(tmp_path):
+    """The GRPO demo's SFT data: about 60% of the train answers give the next name in a fixed cycle, eval none."""
+    import itertools
+
+    from vltrain.synthetic import COLOURS, QUESTIONS, SHAPES, mislabeled, write_shapes_dataset
+
+    combos = list(itertools.product(SHAPES, COLOURS, QUESTIONS))
+    train, held_out = write_shapes_dataset(tmp_path, num_train=480, num_eval=48, mislabel=0.6)
+    for path, lo, hi in ((train, 0.5, 0.7), (held_out, 0.0, 0.0)):
+        records = json.loads(path.read_text())
+        wrong = 0
+        for r in records:
+            shape, colour, kind = combos[int(r["id"].split("-")[1]) % len(combos)]
+            truth, given = (colour if kind == "colour" else shape), r["conversations"][1]["value"]
+            assert given in (truth, mislabeled(truth))
+            wrong += given != truth
+        assert lo <= wrong / len(records) <= hi, (path.name, wrong / len(records))
+    assert [mislabeled(c) for c in ("red", "yellow", "triangle")] == ["green", "red", "circle"]
+
+
 @pytest.mark.slow
 def test_demo_raises_the_held_out_reward(tmp_path):
     """`accelerate launch recipes/grpo.py`: a briefly trained SFT model, GRPO with the shipped reward file."""
@@ -306,10 +326,13 @@ def test_demo_raises_the_held_out_reward(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_grpo_rollouts_and_updates_run_sharded(tmp_path, prompt_data):
-    """2 CPU processes under ZeRO-3: synced generation of every rank's own prompts (one image prompt and one
-    text / video prompt per rank), a sharded reference (beta > 0), finite losses on both ranks."""
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("backend, nproc", [("zero3", 2), pytest.param("fsdp2", 1, marks=pytest.mark.gpu)])
+def test_sharded_grpo_rollouts_and_updates_run(tmp_path, prompt_data, backend, nproc):
+    """ZeRO-3 (2 CPU processes) / FSDP2 (accelerate runs FSDP only on CUDA: one GPU process): synced generation
+    of every rank's own prompts (one image prompt and one text / video prompt per rank), a sharded reference
+    (beta > 0), finite losses on every rank."""
+    if backend == "zero3":
+        pytest.importorskip("deepspeed")
     import socket
 
     model, processor = build_tiny("qwen2_5_vl")
@@ -318,12 +341,15 @@ def test_zero3_grpo_rollouts_and_updates_run_sharded(tmp_path, prompt_data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "zero3"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "tests" / "dist_recipe.py"), "grpo", "zero3", str(prompt_data), str(out),
+    out = tmp_path / backend
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(REPO / "tests" / "dist_recipe.py"), "grpo", backend, str(prompt_data), str(out),
            f"model.name_or_path={tmp_path / 'tiny'}", "train.max_steps=2", "train.micro_batch_size=1", "grpo.beta=0.1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["model"] == "DeepSpeedEngine" and ranks[0]["reference"] == "DeepSpeedEngine"
-    assert ranks[0]["losses"] == ranks[1]["losses"] and all(math.isfinite(x) for x in ranks[0]["losses"])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    if backend == "zero3":
+        assert ranks[0]["model"] == "DeepSpeedEngine" and ranks[0]["reference"] == "DeepSpeedEngine"
+    else:  # fully_shard swaps in an FSDP subclass of the model's class, for the policy and the frozen reference
+        assert ranks[0]["model"].startswith("FSDP") and ranks[0]["reference"].startswith("FSDP"), ranks[0]
+    assert all(r["losses"] == ranks[0]["losses"] for r in ranks) and all(math.isfinite(x) for x in ranks[0]["losses"])

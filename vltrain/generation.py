@@ -38,7 +38,9 @@ image and a video (a batch that lacks one gets an extra row of one dummy image /
 token of zero pixels, generated and discarded), so the vision tower runs on every rank in every prefill,
 as in training (vltrain.vision). Sampling under a seed uses that seed on every rank. Tested on 2 CPU
 ranks under DeepSpeed ZeRO-3 (without the dummy rows that run hangs); FSDP2 is not testable on CPU
-(accelerate runs an fsdp2 launch as DDP there) and relies on the same synced forwards.
+(accelerate runs an fsdp2 launch as DDP there) and relies on the same synced forwards, with the root module's own
+vision tower kept inside the prefill forward (`_vision_in_prefill`: transformers would run it before the first
+forward, outside FSDP2's gathering); a one-GPU FSDP2 GRPO run is a GPU test (tests/test_grpo.py).
 
 Batches are cut in input order (no sorting by length); the model's train/eval mode is restored.
 """
@@ -324,6 +326,25 @@ def generate_encoded(model, processor, prompts: list[dict], settings: Generation
                              synced_gpus=synced_gpus)
 
 
+@contextlib.contextmanager
+def _vision_in_prefill(model):
+    """FSDP2: transformers' `generate` runs the vision tower before the first forward
+    (`_prepare_multimodal_encoder_kwargs_for_generation`), outside the root module's forward, where FSDP2 neither has
+    gathered the root's own parameters (patch embedding, merger) nor initialised its root state. For the call this
+    instance reports no support for pre-computed media features, so the tower runs inside the prefill forward as in
+    training. Any other model: unchanged."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model._supports_mm_encoder_outputs = lambda: False  # instance attribute: shadows the class method
+    try:
+        yield
+    finally:
+        del model._supports_mm_encoder_outputs
+
+
 def _generate_batches(model, processor, settings: GenerationSettings, batches, *, batch_size: int, num_generations: int,
                       show_progress: bool, synced_gpus: bool | None) -> list[Generation]:
     """`batches`: one callable per generate call returning its prompts (processor outputs, batch of one)."""
@@ -368,7 +389,7 @@ def _generate_batches(model, processor, settings: GenerationSettings, batches, *
                 batch = {k: v.to(device, dtype=vision.dtype if k.startswith("pixel_values") else None)
                          for k, v in batch.items()}
                 inputs = {k: v for k, v in batch.items() if k not in ("image_source", "video_source")}
-                with shared_media(model, batch):
+                with shared_media(model, batch), _vision_in_prefill(model):
                     out = model.generate(**inputs, generation_config=config, synced_gpus=synced,
                                          stopping_criteria=stopping, tokenizer=tokenizer if settings.stop_strings else None)
                 new = out[:rows, batch["input_ids"].shape[1]:].tolist()

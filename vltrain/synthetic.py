@@ -69,16 +69,29 @@ def _write_split_files(out_dir: Path, params: dict, make_record, *, num_train: i
     return train_path, eval_path
 
 
+def mislabeled(answer: str) -> str:
+    """The wrong name a mislabelled record gives: the next colour (red -> green -> blue -> yellow -> red) or the
+    next shape (circle -> square -> triangle -> circle)."""
+    names = list(COLOURS) if answer in COLOURS else list(SHAPES)
+    return names[(names.index(answer) + 1) % len(names)]
+
+
 def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
-                         seed: int = 0) -> tuple[Path, Path]:
+                         seed: int = 0, mislabel: float = 0.0) -> tuple[Path, Path]:
     """Write the SFT set (LLaVA records answering with the bare colour or shape) under `out_dir`; returns the
-    train and eval JSON paths. Deterministic in `seed`; an existing complete set with the same parameters is reused."""
+    train and eval JSON paths. Deterministic in `seed`; an existing complete set with the same parameters is reused.
+    `mislabel` > 0: that fraction of the TRAIN records (drawn per record id) answers with `mislabeled(answer)`, a
+    consistent labelling mistake; the eval records stay right (the GRPO demo's SFT stage learns the mistake)."""
     params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 3}
+    if mislabel:
+        params["mislabel"] = mislabel
 
     def record(sample_id, image, shape, colour, kind):
+        answer = colour if kind == "colour" else shape
+        if sample_id.startswith("train-") and random.Random(f"{seed}-{sample_id}").random() < mislabel:
+            answer = mislabeled(answer)
         return {"id": sample_id, "image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
-            {"from": "gpt", "value": colour if kind == "colour" else shape}]}
+            {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"}, {"from": "gpt", "value": answer}]}
 
     return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
                               image_size=image_size, seed=seed)

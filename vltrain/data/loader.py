@@ -16,6 +16,7 @@ extra record fields) and the data layer's skip / truncation records.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -53,19 +54,21 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
 
 
 # SFT records / DPO pairs / classification records (vltrain.synthetic)
-SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs", "synthetic:shape_classes")
+SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs", "synthetic:shape_classes", "synthetic:shapes_mislabeled")
 
 
 def resolve_synthetic_data(data_cfg, output_dir) -> None:
-    """`data.train_path: synthetic:shapes` (the SFT demo), `synthetic:shape_pairs` (the DPO demo) or
-    `synthetic:shape_classes` (the classification demo: classes [circle, square, triangle]): write the
+    """`data.train_path: synthetic:shapes` (the SFT demo), `synthetic:shape_pairs` (the DPO demo),
+    `synthetic:shape_classes` (the classification demo: classes [circle, square, triangle]) or
+    `synthetic:shapes_mislabeled` (the GRPO demo's SFT stage: 60% of the train answers mislabelled): write the
     generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
     `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
     if not data_cfg.train_path.startswith("synthetic:"):
         return
     from vltrain.synthetic import write_shape_classes, write_shape_pairs, write_shapes_dataset
 
-    writers = dict(zip(SYNTHETIC_SETS, (write_shapes_dataset, write_shape_pairs, write_shape_classes)))
+    writers = dict(zip(SYNTHETIC_SETS, (write_shapes_dataset, write_shape_pairs, write_shape_classes,
+                                        functools.partial(write_shapes_dataset, mislabel=0.6))))
     if data_cfg.train_path not in writers:
         raise ValueError(f"data.train_path={data_cfg.train_path!r}: the synthetic sets are {', '.join(SYNTHETIC_SETS)}")
     write = writers[data_cfg.train_path]
