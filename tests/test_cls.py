@@ -4,6 +4,7 @@ resume, a 2-process run, research-code use and the demo."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from vltrain.families import family_spec, get_module
 from vltrain.tiny import build_tiny
 
 from conftest import FAMILIES, REPO
+from sigterm import sigterm_at
 
 
 def cls_records() -> list[dict]:
@@ -235,17 +237,22 @@ def test_export_reloads_and_predicts_what_the_trained_model_predicted(tmp_path, 
 def test_lora_export_reloads_with_the_same_scores(tmp_path, cls_data):
     from recipes.cls import main
 
-    summary = main(cls_config(tmp_path, cls_data, **{"lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8,
-                                                     "trainable.freeze_llm": "true", "data.eval_path": str(cls_data),
-                                                     "train.max_steps": 3}))
-    assert (tmp_path / "out" / "final" / "adapter" / "adapter_config.json").is_file()
-    model, processor = load_classifier(summary["export_dir"])
-    out = tmp_path / "preds.jsonl"
     from vltrain.predict import predict_file
 
-    report = predict_file(summary["export_dir"], cls_data, out, image_folder=str(cls_data.parent))
-    assert report["metrics"]["accuracy"] == pytest.approx(summary["eval"][-1]["accuracy"])
-    assert report["metrics"]["macro_f1"] == pytest.approx(summary["eval"][-1]["macro_f1"])
+    summary = main(cls_config(tmp_path, cls_data, **{"lora.enabled": "true", "lora.rank": 4, "lora.alpha": 8,
+                                                     "trainable.freeze_llm": "true", "data.eval_path": str(cls_data),
+                                                     "train.max_steps": 3, "lora.merge_on_export": "true"}))
+    final = tmp_path / "out" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file() and (final / "merged" / "config.json").is_file()
+    merged = predict_file(final, cls_data, tmp_path / "merged.jsonl", image_folder=str(cls_data.parent))
+    shutil.rmtree(final / "merged")  # now the adapter path: the same export without its merged copy
+    from_adapter = predict_file(final, cls_data, tmp_path / "adapter.jsonl", image_folder=str(cls_data.parent))
+    for report in (merged, from_adapter):
+        assert report["metrics"]["accuracy"] == pytest.approx(summary["eval"][-1]["accuracy"])
+        assert report["metrics"]["macro_f1"] == pytest.approx(summary["eval"][-1]["macro_f1"])
+    a, b = ([json.loads(x)["probabilities"] for x in (tmp_path / f).read_text().splitlines()]
+            for f in ("merged.jsonl", "adapter.jsonl"))
+    assert all(pa == pytest.approx(pb, abs=1e-5) for pa, pb in zip(a, b))
 
 
 def test_resume_from_a_checkpoint_gives_the_straight_run(tmp_path, cls_data):
@@ -259,6 +266,29 @@ def test_resume_from_a_checkpoint_gives_the_straight_run(tmp_path, cls_data):
     assert resumed["steps"] == 6
     assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5, abs=1e-6)
     assert resumed["best"]["step"] == straight["best"]["step"]
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes_to_the_straight_run(tmp_path, cls_data):
+    from recipes.cls import main
+
+    over = {"train.max_steps": 40, "train.micro_batch_size": 1, "data.num_workers": 1}
+    cfg = cls_config(tmp_path / "run", cls_data, **over)
+    args = [f"model.name_or_path={cfg.model.name_or_path}", "model.dtype=float32", "model.attn_implementation=sdpa",
+            f"data.train_path={cls_data}", f"data.image_folder={cls_data.parent}", "data.num_workers=1",
+            "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
+            "cls.classes=[cat,dog,bird]", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.scheduler=constant",
+            "train.report_to=none", f"train.output_dir={tmp_path / 'run' / 'out'}", "train.max_steps=40",
+            "train.micro_batch_size=1", "train.log_every=1"]
+    returncode, output = sigterm_at(REPO / "recipes" / "cls.py", args, "step  3/40")
+    assert returncode == 0 and "Traceback" not in output, output[-3000:]
+    summary = json.loads((tmp_path / "run" / "out" / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["preempted"] == "SIGTERM" and 3 <= stopped < 40 and summary["export_dir"] is None
+    assert (tmp_path / "run" / "out" / "checkpoints" / f"step_{stopped:06d}" / "COMPLETE").is_file()
+    resumed = main(cls_config(tmp_path / "run", cls_data, **over, **{"train.resume": "auto"}))
+    assert resumed["steps"] == 40 and resumed["losses"][:stopped] == summary["losses"]
+    straight = main(cls_config(tmp_path / "straight", cls_data, **over))
+    assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("loss_type, extra", [("focal_loss", {"cls.focal_gamma": 1.5, "cls.focal_alpha": "[1,2,1]"}),

@@ -5,7 +5,6 @@ import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from vltrain.families import family_spec
 from vltrain.preference import LossType
 from vltrain.tiny import build_tiny
 
+from sigterm import sigterm_at
 from conftest import REPO
 
 
@@ -262,19 +262,8 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, pair_data):
         "optim.lr": 3e-3, "optim.warmup_steps": 0, "optim.scheduler": "constant", "train.report_to": "none",
         "train.output_dir": str(tmp_path / "run" / "out"), "train.max_steps": 40, "train.micro_batch_size": 1,
         "train.log_every": 1}.items()]
-    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "dpo.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, deadline = [], time.monotonic() + 150
-    for line in proc.stdout:
-        lines.append(line)
-        if "step  3/40" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines)[-3000:]
-    out, _ = proc.communicate(timeout=120)
-    output = "".join(lines) + out
-    assert proc.returncode == 0, output[-3000:]
+    returncode, output = sigterm_at(REPO / "recipes" / "dpo.py", args, "step  3/40")
+    assert returncode == 0, output[-3000:]
     summary = json.loads((tmp_path / "run" / "out" / "summary.json").read_text())
     stopped = summary["steps"]
     assert summary["preempted"] == "SIGTERM" and 3 <= stopped < 40 and summary["export_dir"] is None

@@ -4,7 +4,6 @@ reward file, num_iterations, accumulation, video prompts, resume, SIGTERM, two p
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from vltrain.generation import GenerationSettings, generate_encoded
 from vltrain.rewards import load_rewards
 from vltrain.tiny import build_tiny
 
+from sigterm import sigterm_at
 from conftest import REPO
 
 REWARD_FILE = '''
@@ -232,21 +232,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, prompt_data):
             "data.nframes=4", f"data.image_max_pixels={64 * 64 * 2}", f"data.video_max_pixels={64 * 64}",
             "train.report_to=none", "train.max_steps=60", "train.micro_batch_size=2", "train.log_every=1",
             f"train.output_dir={tmp_path / 'out'}", "optim.warmup_steps=0", "grpo.num_generations=4",
-            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]",
-            "grpo.scale_rewards=batch"]  # its std gathered from both ranks
-    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "grpo.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, deadline = [], time.monotonic() + 150
-    for line in proc.stdout:
-        lines.append(line)
-        if "step  3/60" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines)[-3000:]
-    out, _ = proc.communicate(timeout=120)
-    output = "".join(lines) + out
-    assert proc.returncode == 0, output[-3000:]
+            "grpo.max_completion_length=6", f"grpo.rewards=[{prompt_data.parent / 'my_rewards.py'}]"]
+    returncode, output = sigterm_at(REPO / "recipes" / "grpo.py", args, "step  3/60")
+    assert returncode == 0, output[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["preempted"] == "SIGTERM" and 3 <= summary["steps"] < 60 and "Traceback" not in output
     assert (tmp_path / "out" / "checkpoints" / f"step_{summary['steps']:06d}" / "COMPLETE").is_file()

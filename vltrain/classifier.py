@@ -124,8 +124,9 @@ class VLClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path, *, dtype: str | None = None, device: str | torch.device = "cpu"):
-    """(VLClassifier in eval mode, processor) from an export of recipes/cls.py: a full backbone in `path`, or a LoRA
-    adapter in `path/adapter` (merged into its base, which is loaded as at training time), plus the head."""
+    """(VLClassifier in eval mode, processor) from an export of recipes/cls.py: a full backbone in `path`, the merged
+    model in `path/merged` (lora.merge_on_export), or a LoRA adapter in `path/adapter` (merged here into its base,
+    loaded as at training time), plus the head."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -134,16 +135,17 @@ def load_classifier(path: str | Path, *, dtype: str | None = None, device: str |
     info = json.loads((path / SPEC_FILE).read_text())
     spec = HeadSpec(num_labels=info["num_labels"], problem_type=info["problem_type"], mlp_head_dim=info["mlp_head_dim"],
                     mlp_head_dropout=info["mlp_head_dropout"], classes=tuple(info["classes"]) if info["classes"] else None)
-    if (path / "adapter").is_dir():
+    from vltrain.config import ModelConfig
+    from vltrain.models import load_model
+
+    recorded = dtype or info.get("dtype") or "float32"
+    if (path / "adapter").is_dir() and not (path / "merged").is_dir():
         from vltrain.lora import merge_adapter
 
         backbone, processor = merge_adapter(path / "adapter", base=info.get("base"), dtype=dtype)
-    else:
-        from vltrain.config import ModelConfig
-        from vltrain.models import load_model
-
-        recorded = dtype or info.get("dtype") or "float32"
-        backbone, processor = load_model(ModelConfig(name_or_path=str(path), dtype=recorded, attn_implementation="sdpa"))
+    else:  # a full export, or the merged model lora.merge_on_export wrote beside the adapter
+        folder = path / "merged" if (path / "merged").is_dir() else path
+        backbone, processor = load_model(ModelConfig(name_or_path=str(folder), dtype=recorded, attn_implementation="sdpa"))
     model = VLClassifier(backbone, spec)
     model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
     return model.to(device).eval(), processor
