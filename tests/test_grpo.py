@@ -275,29 +275,34 @@ def test_lora_rollouts_train_the_adapters_and_a_too_long_prompt_is_skipped(tmp_p
     assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_mislabeled_shapes_mislabel_the_train_answers_only_and_consistently(tmp_path):
-    """The GRPO demo's SFT data: about 60% of the train answers give the next name in a fixed cycle, eval none."""
+def test_mislabeled_shapes_mislabel_the_train_colour_answers_only_and_consistently(tmp_path):
+    """The GRPO demo's SFT data: about 60% of the train colour answers give the next name in a fixed cycle; shape
+    answers and every eval answer are right; the GRPO data asks colours only."""
     import itertools
 
     from vltrain.synthetic import COLOURS, QUESTIONS, SHAPES, mislabeled, write_shapes_dataset
 
     combos = list(itertools.product(SHAPES, COLOURS, QUESTIONS))
-    train, held_out = write_shapes_dataset(tmp_path, num_train=480, num_eval=48, mislabel=0.6)
+    train, held_out = write_shapes_dataset(tmp_path / "sft", num_train=480, num_eval=48, mislabel=0.6)
     for path, lo, hi in ((train, 0.5, 0.7), (held_out, 0.0, 0.0)):
-        records = json.loads(path.read_text())
-        wrong = 0
-        for r in records:
+        wrong = {"colour": 0, "shape": 0}
+        for r in json.loads(path.read_text()):
             shape, colour, kind = combos[int(r["id"].split("-")[1]) % len(combos)]
             truth, given = (colour if kind == "colour" else shape), r["conversations"][1]["value"]
             assert given in (truth, mislabeled(truth))
-            wrong += given != truth
-        assert lo <= wrong / len(records) <= hi, (path.name, wrong / len(records))
+            wrong[kind] += given != truth
+        assert lo <= wrong["colour"] / (len(json.loads(path.read_text())) / 2) <= hi and wrong["shape"] == 0, wrong
     assert [mislabeled(c) for c in ("red", "yellow", "triangle")] == ["green", "red", "circle"]
+    train, _ = write_shapes_dataset(tmp_path / "grpo", num_train=48, num_eval=24, kinds=("colour",))
+    records = json.loads(train.read_text())
+    assert {r["conversations"][0]["value"] for r in records} == {"<image>\nWhat colour is the shape?"}
+    assert sorted(r["conversations"][1]["value"] for r in records) == sorted(list(COLOURS) * 12)
 
 
 @pytest.mark.slow
 def test_demo_raises_the_held_out_reward(tmp_path):
-    """`accelerate launch recipes/grpo.py`: a briefly trained SFT model, GRPO with the shipped reward file."""
+    """`accelerate launch recipes/grpo.py`: an SFT model that learned mislabelled colour names, GRPO with the shipped
+    reward file; the issue's example target (below 0.5 before, above 0.8 after)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/grpo.py", "grpo_demo",
            f"train.output_dir={tmp_path / 'grpo'}", f"model.name_or_path={tmp_path / 'sft' / 'final'}"]
@@ -308,8 +313,7 @@ def test_demo_raises_the_held_out_reward(tmp_path):
     print(f"demo wall time (SFT stage included): {time.monotonic() - start:.0f} s")
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     before, after = summary["eval"][0]["reward"], summary["eval"][-1]["reward"]
-    # measured 2026-12-01: 0.567 -> 0.792 (the issue's example, below 0.5 -> above 0.8, is not reached yet)
-    assert after >= before + 0.15, (before, after)
+    assert before < 0.5 and after > 0.8, (before, after)
     assert "held-out mean reward" in proc.stdout and (tmp_path / "grpo" / "completions.jsonl").is_file()
 
 

@@ -77,24 +77,30 @@ def mislabeled(answer: str) -> str:
 
 
 def write_shapes_dataset(out_dir: str | Path, *, num_train: int = 2400, num_eval: int = 240, image_size: int = 56,
-                         seed: int = 0, mislabel: float = 0.0) -> tuple[Path, Path]:
+                         seed: int = 0, mislabel: float = 0.0, kinds: tuple[str, ...] = tuple(QUESTIONS)
+                         ) -> tuple[Path, Path]:
     """Write the SFT set (LLaVA records answering with the bare colour or shape) under `out_dir`; returns the
     train and eval JSON paths. Deterministic in `seed`; an existing complete set with the same parameters is reused.
-    `mislabel` > 0: that fraction of the TRAIN records (drawn per record id) answers with `mislabeled(answer)`, a
-    consistent labelling mistake; the eval records stay right (the GRPO demo's SFT stage learns the mistake)."""
+    `kinds`: the questions asked ("colour", "shape"). `mislabel` > 0: that fraction of the TRAIN colour answers
+    (drawn per record id) is `mislabeled(answer)`, a consistent annotation mistake; shape answers and the eval
+    records stay right (the GRPO demo's SFT stage learns the mistake, GRPO unlearns it)."""
     params = {"num_train": num_train, "num_eval": num_eval, "image_size": image_size, "seed": seed, "version": 3}
     if mislabel:
         params["mislabel"] = mislabel
+    if tuple(kinds) != tuple(QUESTIONS):
+        params["kinds"] = list(kinds)
 
     def record(sample_id, image, shape, colour, kind):
         answer = colour if kind == "colour" else shape
-        if sample_id.startswith("train-") and random.Random(f"{seed}-{sample_id}").random() < mislabel:
+        if (kind == "colour" and sample_id.startswith("train-")
+                and random.Random(f"{seed}-{sample_id}").random() < mislabel):
             answer = mislabeled(answer)
         return {"id": sample_id, "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"}, {"from": "gpt", "value": answer}]}
 
+    combos = list(itertools.product(SHAPES, COLOURS, kinds))
     return _write_split_files(Path(out_dir), params, record, num_train=num_train, num_eval=num_eval,
-                              image_size=image_size, seed=seed)
+                              image_size=image_size, seed=seed, combos=combos)
 
 
 def chosen_reply(answer: str) -> str:

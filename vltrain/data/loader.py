@@ -54,13 +54,15 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
 
 
 # SFT records / DPO pairs / classification records (vltrain.synthetic)
-SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs", "synthetic:shape_classes", "synthetic:shapes_mislabeled")
+SYNTHETIC_SETS = ("synthetic:shapes", "synthetic:shape_pairs", "synthetic:shape_classes", "synthetic:shapes_mislabeled",
+                  "synthetic:colour_questions")
 
 
 def resolve_synthetic_data(data_cfg, output_dir) -> None:
     """`data.train_path: synthetic:shapes` (the SFT demo), `synthetic:shape_pairs` (the DPO demo),
     `synthetic:shape_classes` (the classification demo: classes [circle, square, triangle]) or
-    `synthetic:shapes_mislabeled` (the GRPO demo's SFT stage: 60% of the train answers mislabelled): write the
+    `synthetic:shapes_mislabeled` (the GRPO demo's SFT stage: 65% of the train colour answers mislabelled) or
+    `synthetic:colour_questions` (the GRPO demo: colour questions only, rightly labelled): write the
     generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
     `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
     if not data_cfg.train_path.startswith("synthetic:"):
@@ -68,7 +70,8 @@ def resolve_synthetic_data(data_cfg, output_dir) -> None:
     from vltrain.synthetic import write_shape_classes, write_shape_pairs, write_shapes_dataset
 
     writers = dict(zip(SYNTHETIC_SETS, (write_shapes_dataset, write_shape_pairs, write_shape_classes,
-                                        functools.partial(write_shapes_dataset, mislabel=0.6))))
+                                        functools.partial(write_shapes_dataset, mislabel=0.65, num_train=9600),
+                                        functools.partial(write_shapes_dataset, kinds=("colour",)))))
     if data_cfg.train_path not in writers:
         raise ValueError(f"data.train_path={data_cfg.train_path!r}: the synthetic sets are {', '.join(SYNTHETIC_SETS)}")
     write = writers[data_cfg.train_path]
