@@ -32,8 +32,8 @@ from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
 from vltrain.faults import Preemption, backward
 from vltrain.tracking import print0
-from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
-                              start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
+                              prepare_run, start_steps)
 
 
 def num_examples(batch: dict) -> int:
@@ -52,19 +52,10 @@ def cls_loss(model, batch: dict, cls_cfg, *, num_examples, class_weights=None) -
 
 
 @dataclass
-class CLSResult:
-    step: int
-    losses: list[float] = field(default_factory=list)  # this run's steps
-    history: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
+class CLSResult(LoopResult):
     eval_metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics); step 0 = before training
     best: tuple[int, dict] | None = None  # the best evaluation by cls.metric_for_best (this run's or a resumed one's)
     stopped_early: bool = False
-    num_skipped: int = 0
-    skipped: dict = field(default_factory=dict)
-    truncated: dict = field(default_factory=dict)
-    num_bad_steps: int = 0
-    preempted: str | None = None
-    model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
 
 
 @torch.no_grad()
@@ -179,7 +170,4 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, cls_cfg, eval_
                f"{cls_cfg.early_stopping_threshold} for {cls_cfg.early_stopping_patience} evaluation(s)")
     elif run.eval_loader is not None and result.preempted is None:
         run_eval(state.step)
-    report = data_report(accelerator, run, skips, truncations)
-    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
-    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
-    return result
+    return finish_result(accelerator, run, result, skips, truncations)

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
-                              start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
+                              prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
@@ -133,18 +133,9 @@ def reference_table(accelerator, reference, loader, cache: str | Path | None = N
 
 # ------------------------------------------------------------------------------- eval and the loop
 @dataclass
-class DPOResult:
-    step: int
-    losses: list[float] = field(default_factory=list)  # this run's steps
-    history: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
+class DPOResult(LoopResult):
     metrics: list[dict] = field(default_factory=list)  # this run's per-step pair means (rewards, accuracy, ...)
     eval_metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics); step 0 = before training
-    num_skipped: int = 0
-    skipped: dict = field(default_factory=dict)
-    truncated: dict = field(default_factory=dict)
-    num_bad_steps: int = 0
-    preempted: str | None = None
-    model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
     reference: object = None  # the prepared Reference (None when the losses need none or it was precomputed)
 
 
@@ -252,7 +243,4 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
 
     if run.eval_loader is not None and result.preempted is None:
         run_eval(state.step)
-    report = data_report(accelerator, run, skips, truncations)
-    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
-    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
-    return result
+    return finish_result(accelerator, run, result, skips, truncations)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
-                              start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
+                              prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS
 from vltrain.data.pairs import collate_groups
@@ -177,18 +177,9 @@ def _rewards(rewards, prompts, generations, num_generations, step, epoch: float 
 
 # ------------------------------------------------------------------------------- the loop
 @dataclass
-class GRPOResult:
-    step: int
-    losses: list[float] = field(default_factory=list)
-    history: list[float] = field(default_factory=list)
+class GRPOResult(LoopResult):
     metrics: list[dict] = field(default_factory=list)  # this run's per-step metrics
     eval_rewards: list[tuple[int, dict]] = field(default_factory=list)  # (step, evaluate_rewards); step 0 = before
-    num_skipped: int = 0
-    skipped: dict = field(default_factory=dict)
-    truncated: dict = field(default_factory=dict)
-    num_bad_steps: int = 0
-    preempted: str | None = None
-    model: object = None
     reference: object = None  # the prepared Reference when grpo.beta > 0
 
 
@@ -314,10 +305,7 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
         result.eval_rewards.append((state.step, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards,
                                                                  grpo_cfg, state.step)))
         print0(f"held-out mean reward after training: {result.eval_rewards[-1][1]['reward']:.3f}")
-    report = data_report(accelerator, run, skips, [])
-    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
-    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
-    return result
+    return finish_result(accelerator, run, result, skips, [])
 
 
 def _mask_of(batch: dict) -> torch.Tensor:

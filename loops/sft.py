@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vltrain.training import (data_report, end_of_step, finish_step, log_step, next_micro_batches, prepare_run,
-                              start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
+                              prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
@@ -54,17 +54,8 @@ def sft_loss(model, batch: dict, num_tokens: torch.Tensor | int) -> torch.Tensor
 
 
 @dataclass
-class TrainResult:
-    step: int
-    losses: list[float] = field(default_factory=list)  # this run's steps (a resumed run: the steps after resume)
-    history: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
+class TrainResult(LoopResult):
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    num_skipped: int = 0  # samples skipped by the data layer, all ranks
-    skipped: dict = field(default_factory=dict)  # the skip ledger's summary (ids and reasons)
-    truncated: dict = field(default_factory=dict)  # samples cut to data.max_seq_length: count and the first records
-    num_bad_steps: int = 0  # optimizer steps skipped for non-finite values
-    preempted: str | None = None  # the signal's name when a signal stopped the run
-    model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
 
 
 @torch.no_grad()
@@ -139,7 +130,4 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
 
     if run.eval_loader is not None and result.preempted is None:
         result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, state.step))
-    report = data_report(accelerator, run, skips, truncations)
-    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
-    result.step, result.history, result.num_bad_steps = state.step, list(state.losses), state.num_bad_steps
-    return result
+    return finish_result(accelerator, run, result, skips, truncations)

@@ -4,18 +4,19 @@
     guard, batches, bar = start_steps(accelerator, run, "sft")                              # just before step 0
     ... the loop's own step ...
     stop = end_of_step(accelerator, run, preemption, skips, eval_fn)                        # after every step
-    report = data_report(accelerator, run, skips, truncations)                              # after the loop
+    return finish_result(accelerator, run, result, skips, truncations)                      # after the loop
 
 `prepare_run` builds the optimizer (parameter groups) and scheduler, prepares model / optimizer / loaders,
 resumes from `train.resume`, and prints the derived numbers before step 0. `end_of_step` asks every rank
 whether a signal arrived, evaluates every `train.eval_every` steps, writes checkpoints every
-`train.save_every` steps (and at once on a signal), and says whether to stop. `data_report` sums the data
-layer's skipped and truncated samples over the ranks.
+`train.save_every` steps (and at once on a signal), and says whether to stop. `finish_result` fills the loop's
+result (a `LoopResult`) with the data layer's skipped and truncated samples summed over the ranks and the run's step
+and loss history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
@@ -41,6 +42,21 @@ class Run:
     state: TrainState
     skipped_before: int  # skipped samples counted before a resume (all ranks)
     bad_before: int  # non-finite steps counted before a resume
+
+
+@dataclass
+class LoopResult:
+    """What every loop's `train` returns; each loop's result class adds its own fields (metrics, evaluations)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # this run's steps (a resumed run: the steps after resume)
+    history: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
+    num_skipped: int = 0  # samples skipped by the data layer, all ranks
+    skipped: dict = field(default_factory=dict)  # the skip ledger's summary (ids and reasons)
+    truncated: dict = field(default_factory=dict)  # samples cut to data.max_seq_length: count and the first records
+    num_bad_steps: int = 0  # optimizer steps skipped for non-finite values
+    preempted: str | None = None  # the signal's name when a signal stopped the run
+    model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
 
 
 def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None) -> Run:
@@ -108,6 +124,14 @@ def data_report(accelerator, run: Run, skips, truncations: list[dict]) -> dict:
     if truncated["num_truncated"]:
         print0(f"truncated {truncated['num_truncated']} sample(s) to data.max_seq_length (see warnings above)")
     return {"num_skipped": num_skipped, "skipped": skipped, "truncated": truncated}
+
+
+def finish_result(accelerator, run: Run, result: LoopResult, skips, truncations: list[dict]) -> LoopResult:
+    """After the loop: `result` with the data report (`data_report`), the step, the loss history and the bad steps."""
+    report = data_report(accelerator, run, skips, truncations)
+    result.num_skipped, result.skipped, result.truncated = report["num_skipped"], report["skipped"], report["truncated"]
+    result.step, result.history, result.num_bad_steps = run.state.step, list(run.state.losses), run.state.num_bad_steps
+    return result
 
 
 def next_micro_batches(batches, state: TrainState, count: int) -> list[dict]:
