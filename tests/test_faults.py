@@ -53,14 +53,20 @@ def test_preemption_sets_a_flag_instead_of_dying_and_restores_the_old_handlers()
 
 
 def test_third_sigint_interrupts_at_once():
-    with Preemption() as preemption:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-        assert preemption.signal_name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored (Python then installs
+    # no KeyboardInterrupt handler): give this test the interactive default it is about.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Preemption() as preemption:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs between bytecodes; never reached
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), signal.SIGINT)
+            assert preemption.signal_name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs between bytecodes; never reached
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_preemption_outside_the_main_thread_installs_nothing():
