@@ -45,10 +45,14 @@ def cls_loss(model, batch: dict, cls_cfg, *, num_examples, class_weights=None) -
     """(sum of the batch's per-example losses / `num_examples`, the logits (N, C) detached). `num_examples`: the
     examples of the whole optimizer step (all micro-batches, all ranks); class_weights: (C,) for class-balanced losses."""
     logits = model(**batch)
-    losses = classification_loss(logits, batch["target"], loss_type=cls_cfg.loss_type, problem_type=cls_cfg.problem_type,
-                                 label_smoothing=cls_cfg.label_smoothing, focal_alpha=cls_cfg.focal_alpha,
-                                 focal_gamma=cls_cfg.focal_gamma, class_weights=class_weights)
-    return losses.sum() / num_examples, logits.detach()
+    return _losses(logits, batch["target"], cls_cfg, class_weights).sum() / num_examples, logits.detach()
+
+
+def _losses(logits, targets, cls_cfg, class_weights=None) -> torch.Tensor:
+    """Per-example losses (N,) of `cls.loss_type` with the section's options."""
+    return classification_loss(logits, targets, loss_type=cls_cfg.loss_type, problem_type=cls_cfg.problem_type,
+                               label_smoothing=cls_cfg.label_smoothing, focal_alpha=cls_cfg.focal_alpha,
+                               focal_gamma=cls_cfg.focal_gamma, class_weights=class_weights)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class CLSResult(LoopResult):
 
 
 @torch.no_grad()
-def predict(accelerator, model, loader, problem_type: str) -> list[dict]:
+def predict(accelerator, model, loader) -> list[dict]:
     """[{"id", "logits": [...], "target"}] for every sample of `loader`, all ranks, each id once, in id order of
     first appearance (the prepared loader repeats a few samples to even out the ranks' batches)."""
     was_training = model.training
@@ -78,14 +82,11 @@ def predict(accelerator, model, loader, problem_type: str) -> list[dict]:
 
 def evaluate(accelerator, model, loader, cls_cfg, class_weights=None, class_names=None) -> dict:
     """Metrics of the whole eval set (vltrain.classification.classification_metrics) plus "loss" (example mean)."""
-    rows = predict(accelerator, model, loader, cls_cfg.problem_type)
+    rows = predict(accelerator, model, loader)
     logits = torch.tensor([r["logits"] for r in rows])
     dtype = torch.long if cls_cfg.problem_type == "single_label" else torch.float32
     targets = torch.tensor([r["target"] for r in rows], dtype=dtype)
-    weights = class_weights.cpu() if class_weights is not None else None
-    losses = classification_loss(logits, targets, loss_type=cls_cfg.loss_type, problem_type=cls_cfg.problem_type,
-                                 label_smoothing=cls_cfg.label_smoothing, focal_alpha=cls_cfg.focal_alpha,
-                                 focal_gamma=cls_cfg.focal_gamma, class_weights=weights)
+    losses = _losses(logits, targets, cls_cfg, class_weights.cpu() if class_weights is not None else None)
     scores, _ = predictions(logits, cls_cfg.problem_type)
     metrics = classification_metrics(scores, targets, problem_type=cls_cfg.problem_type, num_labels=cls_cfg.num_labels,
                                      class_names=class_names)

@@ -209,7 +209,7 @@ def test_export_reloads_and_predicts_what_the_trained_model_predicted(tmp_path, 
     def capture(accelerator, *args, **kwargs):
         result = real_train(accelerator, *args, **kwargs)
         captured["rows"] = predict(accelerator, result.model, accelerator.prepare(
-            DataLoader(args[1].dataset, batch_size=1, collate_fn=args[1].collate_fn)), "single_label")
+            DataLoader(args[1].dataset, batch_size=1, collate_fn=args[1].collate_fn)))
         return result
 
     recipe.train = capture
