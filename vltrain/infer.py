@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         changed = [f"--{name}" for name in GENERATION_OPTIONS if getattr(args, name) != parser.get_default(name)]
         if changed:
-            raise ValueError(f"--model {args.model} is a classifier export (classifier.json): {', '.join(changed)} "
-                             "do(es) not apply (it is scored by vltrain.predict)")
+            raise ValueError(f"--model {args.model} is a classifier export (classifier.json), scored by vltrain.predict: "
+                             f"{', '.join(changed)} {'does' if len(changed) == 1 else 'do'} not apply")
         print(f"--model {classifier} is a classifier export: scoring it with vltrain.predict")
         return predict_file(classifier, args.data, args.out, batch_size=args.batch_size, image_folder=args.image_folder,
                             device=args.device)
