@@ -28,3 +28,12 @@ def test_demo_reaches_90_percent_held_out_accuracy(tmp_path):
     shapes = [r for r in records if r["answer"] in ("circle", "square", "triangle")]
     assert len(shapes) > 60 and sum(r["correct"] for r in shapes) / len(shapes) > 0.8
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
+    # the README's demo number, reproduced by batch inference on the same held-out records with the export
+    preds = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "vltrain.infer", "--model", str(tmp_path / "demo" / "final"),
+                           "--data", str(tmp_path / "demo" / "data" / "eval.json"), "--out", str(preds),
+                           "--limit", str(len(records)), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads(preds.with_suffix(".metrics.json").read_text())
+    assert metrics["num_with_reference"] == len(records) and metrics["exact_match"] == summary["exact_match"], metrics
