@@ -115,4 +115,4 @@ def main(cfg: CLSConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(setup, main)
+    run_recipe(setup, main, config_cls=CLSConfig)

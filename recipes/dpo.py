@@ -138,4 +138,4 @@ def main(cfg: DPOConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(setup, main)
+    run_recipe(setup, main, config_cls=DPOConfig)

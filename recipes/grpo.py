@@ -78,4 +78,4 @@ def main(cfg: GRPOConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(setup, main)
+    run_recipe(setup, main, config_cls=GRPOConfig)

@@ -99,4 +99,4 @@ def main(cfg: SFTConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_recipe(setup, main)
+    run_recipe(setup, main, config_cls=SFTConfig)

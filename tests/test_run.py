@@ -48,11 +48,47 @@ def test_data_and_model_mistakes_end_in_one_line(tmp_path):
     assert message.startswith("error: model.name_or_path=") and "no such folder" in message
 
 
-def test_help_prints_the_command_and_trains_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "recipes/sft.py", "--help"], capture_output=True, text=True, cwd=REPO,
+@pytest.mark.parametrize("recipe, cls_name", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("grpo", "GRPOConfig"),
+                                             ("cls", "CLSConfig")])
+def test_help_lists_every_config_field_and_trains_nothing(tmp_path, recipe, cls_name):
+    """`recipes/X.py --help`: the commands, then every field of the recipe's config with its type, default and a
+    one-line meaning (the comment next to the field in vltrain/config.py)."""
+    import dataclasses
+
+    import vltrain.config as config
+
+    proc = subprocess.run([sys.executable, f"recipes/{recipe}.py", "--help"], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
-    assert proc.returncode == 0 and "accelerate launch recipes/sft.py" in proc.stdout
-    assert "section.field=value" in proc.stdout
+    assert proc.returncode == 0 and f"accelerate launch recipes/{recipe}.py" in proc.stdout
+    assert "section.field=value" in proc.stdout and not (REPO / "outputs" / "--help").exists()
+    cls = getattr(config, cls_name)
+    defaults = cls()
+    lines = proc.stdout.splitlines()
+    for section in dataclasses.fields(cls):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            name = f"{section.name}.{f.name}"
+            row = next((i for i, line in enumerate(lines) if line.startswith(f"  {name} (")), None)
+            assert row is not None, f"--help does not list {name}"
+            assert f"default {getattr(getattr(defaults, section.name), f.name)!r})" in lines[row], lines[row]
+            meaning = lines[row + 1] if row + 1 < len(lines) else ""
+            assert meaning.startswith("      ") and len(meaning.strip()) > 8, f"{name} has no meaning line"
+
+
+def test_a_failed_run_leaves_the_previous_config_yaml_alone(tmp_path):
+    """A run that fails on its data path or its model path writes nothing into output_dir first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("the previous run's config\n")
+    message = _exit_message([f"data.train_path={tmp_path / 'missing.json'}", f"train.output_dir={out}",
+                             "train.report_to=none"])
+    assert message.startswith("data error:") and "missing.json" in message
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n')
+    message = _exit_message([f"data.train_path={good}", f"model.name_or_path={tmp_path / 'no' / 'model'}",
+                             f"train.output_dir={out}", "train.report_to=none"])
+    assert message.startswith("error: model.name_or_path=")
+    assert (out / "config.yaml").read_text() == "the previous run's config\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 def test_a_finished_run_rerun_with_resume_auto_finishes_cleanly(tmp_path, mixed_data):

@@ -22,11 +22,12 @@ import yaml
 class ModelConfig:
     # A hub id, a local folder, or `tiny:<model_type>` (a freshly initialised tiny model, offline).
     name_or_path: str = "tiny:qwen2_5_vl"
+    # The dtype the weights load in (mixed precision comes from the accelerate config)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # "auto" picks flash_attention_2 when flash-attn is installed, else sdpa.
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # run code shipped with the checkpoint (only for checkpoints you trust)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
     # With gradient_checkpointing: recompute only every n-th layer (1 = all), trading memory for speed.
     checkpoint_every_n_layers: int = 1
     # Kernels applied to the loaded instance (see vltrain.kernels); empty = the stock model.
@@ -43,28 +44,29 @@ class ModelConfig:
 class MediaConfig:
     """Image/video sizing and frame sampling, with the upstream's meaning (see vltrain.data.media)."""
 
-    image_min_pixels: int | None = None
-    image_max_pixels: int | None = None
-    image_resized_width: int | None = None
-    image_resized_height: int | None = None
-    video_min_pixels: int | None = None
-    video_max_pixels: int | None = None
-    video_resized_width: int | None = None
-    video_resized_height: int | None = None
+    image_min_pixels: int | None = None  # smallest image area in pixels after resizing (None: the processor's)
+    image_max_pixels: int | None = None  # largest image area in pixels after resizing: bounds media tokens per image
+    image_resized_width: int | None = None  # resize every image to exactly this width (with image_resized_height)
+    image_resized_height: int | None = None  # resize every image to exactly this height (with image_resized_width)
+    video_min_pixels: int | None = None  # smallest frame area in pixels after resizing
+    video_max_pixels: int | None = None  # largest frame area in pixels after resizing: bounds media tokens per frame
+    video_resized_width: int | None = None  # resize every frame to exactly this width (with video_resized_height)
+    video_resized_height: int | None = None  # resize every frame to exactly this height (with video_resized_width)
     fps: float | None = None  # None and no nframes: 2 frames per second
-    nframes: int | None = None
+    nframes: int | None = None  # take exactly this many frames per video (instead of fps)
 
 
 @dataclass
 class DataConfig(MediaConfig):
     train_path: str = ""  # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too
-    eval_path: str | None = None
+    eval_path: str | None = None  # held-out records in the same format (None: no evaluation)
     image_folder: str | None = None  # relative media paths are resolved against this folder
+    # Longest example in tokens; longer text is cut (media never), the cut is counted and logged
     max_seq_length: int = 32768
     # Default system turn: literal text, or `builtin:think_answer` (vltrain.data.template.SYSTEM_PROMPTS);
     # None keeps the chat template's default.
     system_prompt: str | None = None
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes that decode media and encode examples
     # Pack each micro-batch into one row (vltrain.data.packing): no padding, attention within examples.
     packing: bool = False
     # Fill micro-batches up to this many tokens instead of train.micro_batch_size samples (None: off).
@@ -102,9 +104,9 @@ class DataConfig(MediaConfig):
 
 @dataclass
 class TrainableConfig:
-    freeze_vision_tower: bool = False
-    freeze_merger: bool = False
-    freeze_llm: bool = False
+    freeze_vision_tower: bool = False  # do not train the vision encoder blocks
+    freeze_merger: bool = False  # do not train the vision-to-LLM merger (projector)
+    freeze_llm: bool = False  # do not train the language model (LoRA needs it: adapters train instead)
     unfreeze_topk_llm: int = 0  # with freeze_llm: train the top k decoder layers anyway
     unfreeze_topk_vision: int = 0  # with freeze_vision_tower: train the top k vision blocks anyway
 
@@ -119,12 +121,12 @@ class TrainableConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 64
-    alpha: int = 128
-    dropout: float = 0.05
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_dora: bool = False
+    enabled: bool = False  # train low-rank adapters instead of the LLM's weights (peft)
+    rank: int = 64  # adapter rank r
+    alpha: int = 128  # adapter scaling: the update is scaled by alpha / rank
+    dropout: float = 0.05  # dropout on the adapter input
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train with the adapters
+    use_dora: bool = False  # weight-decomposed adapters (DoRA)
     vision_lora: bool = False  # add adapters to the vision blocks too
     vision_lora_merger: bool = False  # ... and to the merger
     namespan_exclude: list[str] = field(default_factory=list)  # module-name substrings to skip
@@ -177,15 +179,15 @@ class OptimConfig:
     vision_lr: float | None = None  # None: same as lr
     merger_lr: float | None = None  # None: same as lr
     head_lr: float | None = None  # a classifier's head (recipes/cls.py only); None: same as lr
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW weight decay (never on norms, biases and embeddings)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # 0 disables clipping
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # learning-rate schedule after warm-up
+    warmup_ratio: float = 0.03  # fraction of the steps with a linear warm-up from 0
     warmup_steps: int | None = None  # overrides warmup_ratio
-    min_lr_ratio: float = 0.0
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    min_lr_ratio: float = 0.0  # the schedule ends at lr x this
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states
 
     def validate(self) -> None:
         for name in ("lr", "vision_lr", "merger_lr", "head_lr"):
@@ -198,18 +200,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/sft"
-    seed: int = 42
-    num_epochs: float = 1.0
+    output_dir: str = "outputs/sft"  # config.yaml, checkpoints/, final/, metrics.jsonl, plots.png and logs go here
+    seed: int = 42  # seeds model init (tiny models), data order and sampling
+    num_epochs: float = 1.0  # passes over the training data (max_steps > 0 takes precedence)
     max_steps: int = -1  # > 0 overrides num_epochs
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    log_every: int = 1
+    micro_batch_size: int = 1  # examples per forward pass on each process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    log_every: int = 1  # optimizer steps between log lines (and tracker / metrics.jsonl records)
     eval_every: int = 0  # optimizer steps; 0: only at the end (when there is eval data)
     save_every: int = 0  # optimizer steps; 0: no intermediate checkpoints
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # checkpoints kept (older ones are deleted)
+    # Tracker for the metrics; tensorboard writes under output_dir/<run_name> (tensorboard --logdir OUTPUT_DIR)
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    run_name: str | None = None
+    run_name: str | None = None  # the tracker's run name (None: the recipe's name)
     resume: str | None = None  # "auto" or a checkpoint folder
     eval_exact_match: int = 0  # after training: exact-match accuracy of greedy answers on this many eval samples
     # A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run.
@@ -254,9 +257,10 @@ class DPOSection:
     """Preference-loss options (vltrain.preference): `loss_type` names one loss or several, combined with
     `loss_weights` (default 1.0 each), e.g. loss_type: [sigmoid, sft], loss_weights: [1.0, 0.2]."""
 
+    # One preference loss or several (vltrain.preference.LossType)
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    beta: float = 0.1
+    loss_weights: list[float] | None = None  # weight of each loss_type (None: 1.0 each)
+    beta: float = 0.1  # the implicit reward's temperature (higher: stay closer to the reference)
     label_smoothing: float = 0.0  # conservative DPO (sigmoid) / robust DPO (robust)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     # One pass of the reference over every train / eval pair before training, cached on disk (keyed by the
@@ -302,26 +306,28 @@ class GRPOSection:
     """Rollouts, rewards and the policy loss of GRPO and its variants (vltrain.policy_gradient, vltrain.rewards)."""
 
     num_generations: int = 8  # completions per prompt (a group)
-    max_completion_length: int = 256
+    max_completion_length: int = 256  # longest completion in tokens (cut completions finish with 'length')
     max_prompt_length: int | None = None  # None: data.max_seq_length; a longer prompt is skipped (media never cut)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0
+    temperature: float = 1.0  # rollout sampling temperature (> 0)
+    top_p: float = 1.0  # rollout nucleus sampling (1 = off)
+    top_k: int = 0  # rollout top-k sampling (0 = off)
+    min_p: float = 0.0  # rollout min-p sampling (0 = off)
+    repetition_penalty: float = 1.0  # rollout repetition penalty (1 = off)
     generation_batch_size: int = 8  # prompts per generate call (x num_generations rows)
     # Reward functions: "path/file.py:function", "path/file.py" (its REWARDS list, or every *_reward function),
     # "builtin:accuracy", "builtin:format"; weighted by reward_weights (default 1.0 each).
     rewards: list[str] = field(default_factory=lambda: ["builtin:accuracy", "builtin:format"])
-    reward_weights: list[float] | None = None
+    reward_weights: list[float] | None = None  # weight of each reward (None: 1.0 each)
+    # Divide advantages by the reward std of the group, the batch, or not at all
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    # How token losses are averaged (dapo: over all tokens of the batch)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
-    epsilon: float = 0.2
+    epsilon: float = 0.2  # PPO clipping range of the importance ratio
     epsilon_high: float | None = None  # None: epsilon
     beta: float = 0.0  # KL to the reference; 0 loads no reference
     num_iterations: int = 1  # optimizer steps per rollout batch
-    mask_truncated_completions: bool = False
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length get no gradient
     log_completions: int = 4  # prompts (with their completions and rewards) written to completions.jsonl per log
     # Held-out mean reward of greedy answers to this many eval prompts, before and after training; 0 = off.
     eval_prompts: int = 0
@@ -378,6 +384,7 @@ class CLSSection:
 
     num_labels: int | None = None  # None: len(classes) (regression: 1)
     classes: list[str] | None = None  # class names by id: records may give names instead of ids
+    # One class per sample, several, or a number
     problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
     # None: cross_entropy (single_label), bce (multi_label), mse (regression); or focal_loss,
     # class_balanced_cross_entropy, class_balanced_focal_loss (single_label)
@@ -394,8 +401,8 @@ class CLSSection:
     # (exported as final/) and stops training after `early_stopping_patience` evaluations without an
     # improvement larger than `early_stopping_threshold` (0 = never stop early).
     metric_for_best: str = "loss"
-    early_stopping_patience: int = 0
-    early_stopping_threshold: float = 0.01
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0 = never)
+    early_stopping_threshold: float = 0.01  # smallest change of metric_for_best that counts as an improvement
 
     def validate(self) -> None:
         from vltrain.classification import LOSSES_FOR
@@ -616,3 +623,60 @@ def dump_config(cfg, path: str | Path) -> None:
         return x
 
     Path(path).write_text(yaml.safe_dump(plain(config_to_dict(cfg)), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------- --help
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its comment}: the comment at the end of the field's line, else the comment lines right above it;
+    a section's docstring-less fields inherit nothing (every field carries its own comment, tested)."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        above: list[str] = []
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            name = stripped.split(":", 1)[0].strip()
+            if ":" in stripped and name.isidentifier() and not stripped.startswith(("def ", "class ", '"""')):
+                trailing = stripped.split("  # ", 1)[1].strip() if "  # " in stripped else ""
+                text = trailing or " ".join(above)
+                if text:
+                    comments[name] = text
+            above = []
+    return comments
+
+
+def _type_name(tp) -> str:
+    text = str(tp) if not isinstance(tp, type) else tp.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def field_help(cls) -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, meaning) of every field of a whole config class (SFTConfig, DPOConfig, ...)."""
+    rows = []
+    defaults = cls()
+    for section in dataclasses.fields(cls):
+        sub = getattr(defaults, section.name)
+        hints = typing.get_type_hints(type(sub))
+        comments = _field_comments(type(sub))
+        for f in dataclasses.fields(sub):
+            rows.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), repr(getattr(sub, f.name)),
+                         comments.get(f.name, "")))
+    return rows
+
+
+def config_help(cls) -> str:
+    """The `--help` text of a recipe: every config field with its type, default and meaning, section by section."""
+    lines, current = [], None
+    for name, tp, default, meaning in field_help(cls):
+        section = name.split(".", 1)[0]
+        if section != current:
+            lines.append(f"\n{section}:")
+            current = section
+        lines.append(f"  {name} ({tp}, default {default})" + (f"\n      {meaning}" if meaning else ""))
+    return "\n".join(lines).lstrip("\n")

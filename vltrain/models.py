@@ -64,6 +64,12 @@ def _load_config(name: str, trust_remote_code: bool):
         raise ValueError(f"model.name_or_path={name!r}: cannot load its config ({first})") from None
 
 
+def check_model_path(model_cfg) -> None:
+    """One line when `model.name_or_path` is not a supported model (reads its config only, no weights)."""
+    if not model_cfg.name_or_path.startswith("tiny:"):
+        family_spec(_load_config(model_cfg.name_or_path, model_cfg.trust_remote_code))
+
+
 def load_model(model_cfg, **from_pretrained_kwargs):
     """(model, processor) for `model_cfg`; the family is checked from `config.model_type` before loading."""
     dtype = DTYPES[model_cfg.dtype]

@@ -108,5 +108,6 @@ def describe_run(loader, accumulation: int, world: int, total: int, per_epoch: i
     else:
         samples = f"micro-batch {micro}"
         per_step = f"{(micro or 0) * accumulation * world} samples/step"
-    return (f"steps: {total} ({per_epoch}/epoch) | {samples} x accumulation {accumulation} x {world} "
+    epochs = f" = {total / per_epoch:.2f} epochs" if total != per_epoch else " = 1 epoch"
+    return (f"steps: {total} ({per_epoch}/epoch{epochs}) | {samples} x accumulation {accumulation} x {world} "
             f"process(es) = {per_step}")

@@ -58,7 +58,12 @@ def open_run(cfg, load) -> tuple[object, dict]:
 
 
 def start_run(accelerator, cfg, name: str) -> Path:
-    """Create `train.output_dir`, write and print the resolved config, start the trackers."""
+    """Check that `model.name_or_path` is a model (its config only; the data was checked by `open_run`), then
+    create `train.output_dir`, write and print the resolved config, start the trackers: a run that fails on
+    its data or its model path leaves a previous run's config.yaml alone."""
+    from vltrain.models import check_model_path
+
+    check_model_path(cfg.model)
     output_dir = Path(cfg.train.output_dir)
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -92,30 +97,55 @@ def flat_config(cfg) -> dict:
     return flat
 
 
-def run_recipe(setup, main, argv: list[str] | None = None) -> None:
+def recipe_help(module_doc: str | None, config_cls) -> str:
+    """A recipe's `--help`: its docstring (the commands), the argument syntax, and every config field with its type,
+    default and meaning (vltrain.config.config_help)."""
+    from vltrain.config import config_help
+
+    shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    return ((module_doc or "").strip()
+            + "\n\nusage: [CONFIG.yaml | shipped config name] [section.field=value ...]"
+            + f"\n  shipped configs (recipes/configs): {shipped}"
+            + "\n  no CONFIG: overrides apply to the defaults below; no argument at all: the recipe's demo\n\n"
+            + "config fields (section.field (type, default) and meaning):\n" + config_help(config_cls))
+
+
+def fail(message: str) -> None:
+    """Exit with status 1 and `message` as the last line on stderr. Under the `vltrain` CLI (VLTRAIN_ERROR_FILE set)
+    the line is also appended to that file, so that the CLI can repeat it after a multi-process launcher's report."""
+    import os
+
+    error_file = os.environ.get("VLTRAIN_ERROR_FILE")
+    if error_file:
+        with open(error_file, "a") as f:
+            f.write(message + "\n")
+    sys.exit(message)
+
+
+def run_recipe(setup, main, argv: list[str] | None = None, config_cls=None) -> None:
     """`main(setup(argv))` with every user mistake (a bad config, data file or record, model path) ending in
-    one line (exit status 1); a run stopped by a signal returns normally (exit 0) after its checkpoint."""
+    one line (exit status 1); a run stopped by a signal returns normally (exit 0) after its checkpoint.
+    `-h` / `--help` prints the recipe's docstring and every field of `config_cls`."""
     from vltrain.data.formats import DataFormatError
     from vltrain.data.skips import TooManySkips
     from vltrain.faults import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print((sys.modules[main.__module__].__doc__ or "").strip())
-        print("\nusage: [CONFIG.yaml | shipped config name] [section.field=value ...]; fields: vltrain/config.py")
+        print(recipe_help(sys.modules[main.__module__].__doc__, config_cls))
         return
     try:
         config = setup(argv)
     except ValueError as e:
-        sys.exit(f"config error: {e}")
+        fail(f"config error: {e}")
     try:
         main(config)
     except (DataFormatError, TooManySkips) as e:  # a malformed record or data file, or too many unusable samples
-        sys.exit(f"data error: {one_line(e)}")
+        fail(f"data error: {one_line(e)}")
     except NonFiniteError as e:
-        sys.exit(f"stopped: {one_line(e)}")
+        fail(f"stopped: {one_line(e)}")
     except ValueError as e:  # a user mistake found while building (model path, options the model contradicts)
-        sys.exit(f"error: {one_line(e)}")
+        fail(f"error: {one_line(e)}")
 
 
 def one_line(error: BaseException) -> str:
