@@ -32,8 +32,8 @@ from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
 from vltrain.faults import Preemption, backward
 from vltrain.tracking import print0
-from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
-                              prepare_run, start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_metrics, log_step,
+                              next_micro_batches, prepare_run, start_steps)
 
 
 def num_examples(batch: dict) -> int:
@@ -116,7 +116,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, cls_cfg, eval_
 
     def run_eval(step: int) -> None:
         metrics = evaluate(accelerator, model, run.eval_loader, cls_cfg, weights, class_names)
-        accelerator.log({f"eval/{k}": v for k, v in scalar_metrics(metrics).items()}, step=step)
+        log_metrics(accelerator, run, {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()}, step)
         improved = step > 0 and early.update(metrics[cls_cfg.metric_for_best])  # step 0: the untrained baseline
         print0(f"eval step {step}: {_describe(metrics)}" + (" (best so far)" if improved else ""))
         result.eval_metrics.append((step, metrics))

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
-                              prepare_run, start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_metrics, log_step,
+                              next_micro_batches, prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.skips import SkipLedger
 from vltrain.distributed import gather_lists
@@ -161,9 +161,9 @@ def evaluate(accelerator, model, loader, dpo_cfg, reference=None, table: dict | 
     return _pair_means(accelerator, sums, count)
 
 
-def _eval_and_log(accelerator, model, loader, dpo_cfg, reference, table, step: int) -> tuple[int, dict]:
+def _eval_and_log(accelerator, model, loader, dpo_cfg, reference, table, step: int, output_dir) -> tuple[int, dict]:
     metrics = evaluate(accelerator, model, loader, dpo_cfg, reference, table)
-    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    log_metrics(accelerator, output_dir, {f"eval/{k}": v for k, v in metrics.items()}, step)
     print0(f"eval step {step}: loss {metrics['loss']:.4f} | preference accuracy {metrics['rewards/accuracy']:.1%} | "
            f"margin {metrics['rewards/margin']:.4f}")
     return step, metrics
@@ -196,7 +196,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
 
     def run_eval(step: int) -> None:
         result.eval_metrics.append(_eval_and_log(accelerator, model, run.eval_loader, dpo_cfg, reference,
-                                                 tables.get("eval"), step))
+                                                 tables.get("eval"), step, tcfg.output_dir))
 
     if run.eval_loader is not None and state.step == 0:
         run_eval(0)  # before training: the baseline the final eval is compared with

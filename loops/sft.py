@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
-                              prepare_run, start_steps)
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_metrics, log_step,
+                              next_micro_batches, prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.skips import SkipLedger
@@ -74,9 +74,9 @@ def evaluate(accelerator, model, loader) -> float:
     return (total / count.clamp(min=1)).item()
 
 
-def _eval_and_log(accelerator, model, loader, step: int) -> tuple[int, float]:
+def _eval_and_log(accelerator, model, loader, step: int, output_dir) -> tuple[int, float]:
     loss = evaluate(accelerator, model, loader)
-    accelerator.log({"eval_loss": loss}, step=step)
+    log_metrics(accelerator, output_dir, {"eval_loss": loss}, step)
     print0(f"eval step {step}: loss {loss:.4f}")
     return step, loss
 
@@ -123,11 +123,12 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=No
             bar.update(1)
             result.preempted = end_of_step(
                 accelerator, run, preemption, skips,
-                lambda step: result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, step)))
+                lambda step: result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, step,
+                                                                     tcfg.output_dir)))
             if result.preempted:
                 break
     bar.close()
 
     if run.eval_loader is not None and result.preempted is None:
-        result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, state.step))
+        result.eval_losses.append(_eval_and_log(accelerator, model, run.eval_loader, state.step, tcfg.output_dir))
     return finish_result(accelerator, run, result, skips, truncations)

@@ -12,11 +12,18 @@ whether a signal arrived, evaluates every `train.eval_every` steps, writes check
 `train.save_every` steps (and at once on a signal), and says whether to stop. `finish_result` fills the loop's
 result (a `LoopResult`) with the data layer's skipped and truncated samples summed over the ranks and the run's step
 and loss history.
+
+Metrics go through `log_metrics` only: the trackers (`accelerator.log`) and `<train.output_dir>/metrics.jsonl`, one
+JSON line per call, which `vltrain.plots` draws. `prepare_run` starts that file empty, or for a resumed run keeps its
+lines up to the resumed step, so the file holds one history.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vltrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vltrain.distributed import deepspeed_offloads_optimizer, fill_deepspeed_auto, gather_lists, sum_over_ranks
@@ -24,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vltrain.faults import NonFiniteGuard, optimizer_step
 from vltrain.optim import build_optimizer, build_scheduler
+from vltrain.plots import METRICS_FILE, read_metrics
 from vltrain.progress import TrainState, describe_run, resumable_batches, total_steps
 from vltrain.tracking import format_step, peak_memory_gib, print0
 
@@ -75,6 +83,7 @@ def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loa
     if resume_from is not None:
         state = TrainState.from_dict(load_checkpoint(accelerator, resume_from, scheduler))
         print0(f"resumed from {resume_from} at step {state.step}")
+    start_metrics_file(accelerator, train_cfg.output_dir, state.step if resume_from is not None else None)
     print0(describe_run(train_loader, ga, accelerator.num_processes, num_steps, steps_per_epoch))
     for group in optimizer.param_groups:
         print0(f"  param group {group.get('name', '?'):<18} lr {group['lr']:.2e}  wd {group['weight_decay']}  "
@@ -151,9 +160,56 @@ def log_step(accelerator, run: Run, bar, metrics: dict, stepped: bool) -> None:
         return
     metrics = {**metrics, "lr": run.scheduler.get_last_lr()[0], "memory_gib": peak_memory_gib(accelerator.device),
                "epoch": run.state.epoch}
-    accelerator.log(metrics, step=step)
+    log_metrics(accelerator, run, metrics, step)
     if accelerator.is_main_process:
         bar.write(format_step(step, run.num_steps, metrics) + ("" if stepped else " | skipped (non-finite)"))
+
+
+def start_metrics_file(accelerator, output_dir, resumed_step: int | None) -> Path:
+    """`<output_dir>/metrics.jsonl` for a run starting now: empty (`resumed_step` None), or a resumed run's with only
+    the lines of steps <= `resumed_step` (the steps after it are done again). Written by the main process."""
+    path = Path(output_dir) / METRICS_FILE
+    if not accelerator.is_main_process:
+        return path
+    kept = []
+    if resumed_step is not None and path.is_file():
+        kept = [record for record in read_metrics(path) if record["step"] <= resumed_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)  # never a half-written history, even when killed here
+    return path
+
+
+def finite_numbers(metrics: dict) -> dict:
+    """The entries of `metrics` that are ints or finite floats (one-element tensors / numpy scalars as Python
+    numbers); bools, nan, inf, strings and lists are left out."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            try:
+                value = value.item()
+            except (ValueError, RuntimeError):  # more than one element
+                continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, int) or math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def log_metrics(accelerator, run_or_output_dir, metrics: dict, step: int) -> None:
+    """Log `metrics` of optimizer step `step`: `accelerator.log` (the trackers) and, on the main process, the line
+    `{"step": step, ...}` (`finite_numbers`) appended to `<output_dir>/metrics.jsonl`. `run_or_output_dir`: a `Run`
+    (its train.output_dir) or the output folder."""
+    accelerator.log(metrics, step=step)
+    if not accelerator.is_main_process:
+        return
+    output_dir = run_or_output_dir.train_cfg.output_dir if isinstance(run_or_output_dir, Run) else run_or_output_dir
+    path = Path(output_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:  # closed at once: each line is on disk before the next step
+        f.write(json.dumps({"step": int(step), **finite_numbers(metrics)}) + "\n")
 
 
 def finish_step(accelerator, run: Run, guard, max_grad_norm: float, step_loss, sample_ids: list) -> tuple[float, object, bool]:
