@@ -397,3 +397,93 @@ def _generate_batches(model, processor, settings: GenerationSettings, batches, *
     finally:
         model.train(was_training)
     return results
+
+
+# ------------------------------------------------------------------------------------------ streaming
+class _Cancelled:
+    """StoppingCriteria: every row is done once `event` is set (the reader stopped listening)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream(model, processor, conversation: Conversation, settings: GenerationSettings, *, media: MediaOptions,
+           image_folder: str | None = None, system_prompt: str | None = None):
+    """The completion of one prompt conversation as it grows: yields the text so far (not the new piece), for a chat
+    UI. Same encoding and sampling policy as `generate` (one prompt: no padding), so the last text yielded is
+    `generate(...)[0].text` (greedy: tested on a text and an image prompt): it is `finish`'s cut of the generated
+    tokens, so the eos / stop-string rules are `generate`'s exactly, while the pieces before it are transformers'
+    `TextIteratorStreamer` decoding (which holds back a half-decoded character or word) cut at a stop string.
+
+    `model.generate` runs in a thread; closing the iterator early (a UI's stop button) stops that generation at its
+    next token. An error in the thread is raised here once the stream ends."""
+    import threading
+
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    from vltrain.attention import stock_attention
+
+    if not isinstance(settings, GenerationSettings):
+        raise ValueError(f"stream: settings must be a GenerationSettings, got {type(settings).__name__}")
+    if not conversation.turns or conversation.turns[-1].role == "assistant":
+        raise ValueError(f"stream: sample {conversation.sample_id!r}: a prompt must not end with an assistant turn")
+    tokenizer = processor.tokenizer
+    config = settings.generation_config(model, tokenizer)
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    prompt = process_conversation(conversation, processor, media, image_folder=image_folder,
+                                  system_prompt=system_prompt, add_generation_prompt=True)
+    vision = next(get_module(model, family_spec(model).vision_module).parameters())
+    device = next(model.parameters()).device
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(eos_ids, default=0)
+    inputs = {k: v.to(device, dtype=vision.dtype if k.startswith("pixel_values") else None)  # generate's batch of one
+              for k, v in left_pad_batch([prompt], pad_token_id).items()}
+
+    token_ids: list[int] = []
+
+    class Streamer(TextIteratorStreamer):  # also keeps the generated ids, for `finish`
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                token_ids.extend(value.reshape(-1).tolist())
+            super().put(value)
+
+    streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancel = threading.Event()
+    failure: list[BaseException] = []
+
+    def run():
+        was_training = model.training
+        model.eval()
+        try:  # grad mode and the forked RNG are per thread / per call: entered here, not by the caller
+            with torch.no_grad(), stock_attention(model), _forked_rng(settings.seed, device):
+                model.generate(**inputs, generation_config=config, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                               tokenizer=tokenizer if settings.stop_strings else None)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the reading thread
+            failure.append(e)
+            streamer.end()  # the reader must not wait forever for a stop signal
+        finally:
+            model.train(was_training)
+
+    thread = threading.Thread(target=run, name="vltrain-stream", daemon=True)
+    thread.start()
+    text = shown = ""
+    try:
+        for piece in streamer:
+            text += piece
+            cut = min((text.find(s) + len(s) for s in settings.stop_strings if s in text), default=len(text))
+            if text[:cut] != shown:
+                shown = text[:cut]
+                yield shown
+        thread.join()
+        if failure:
+            raise failure[0]
+        final = finish(token_ids, tokenizer, eos_ids, settings.stop_strings).text
+        if final != shown:
+            yield final
+    finally:
+        cancel.set()
+        thread.join()
