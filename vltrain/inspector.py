@@ -46,6 +46,7 @@ DEFAULT_EXAMPLES = 8
 LISTED_IN_TERMINAL = 10  # rejected ids printed on stdout
 THUMBNAIL_PIXELS = 96
 HISTOGRAM_BINS = 30
+SPECIAL = re.compile(r"^<\|[^|]+\|>$")  # <|im_start|>, <|vision_end|>, ...
 IGNORE_INDEX = -100  # vltrain.data.encode.IGNORE_INDEX (imported lazily with torch; asserted equal below)
 
 
@@ -540,7 +541,7 @@ def _render_data(item: dict, loop: str, processor, media, cfg) -> dict:
             else:
                 media_of.append((kind, None))
         sequences.append({"name": name, "ids": ids, "text": [tokenizer.decode([i]) for i in ids], "trained": trained,
-                          "media": media_of, "special": [i in tokenizer.all_special_ids or i in pads for i in ids]})
+                          "media": media_of, "special": [bool(SPECIAL.match(t)) for t in tokenizer.convert_ids_to_tokens(ids)]})
     out = {"split": item["split"], "id": conv.sample_id, "sequences": sequences, "media": items,
            "truncated": bool(example.get("truncated"))}
     if loop == "grpo":
@@ -633,24 +634,24 @@ def histogram_svg(samples: list[dict], limit: int, width: int = 620, height: int
         return '<p class="sub">no usable sample</p>'
     left, right, top, bottom = 44, 12, 14, 34
     plot_w, plot_h = width - left - right, height - top - bottom
-    longest = max(s["tokens"] for s in samples)
-    upper = max(longest, 1)
-    if limit <= longest * 1.25:
-        upper = max(upper, limit)
-    step = max(1, math.ceil(upper / HISTOGRAM_BINS))
-    num_bins = math.ceil((upper + 1) / step)
+    shortest, longest = min(s["tokens"] for s in samples), max(s["tokens"] for s in samples)
+    upper = max(longest, limit) if limit <= longest * 1.25 else longest  # show the limit when it is near
+    step = _nice(max(1, upper - (shortest if shortest > upper / 2 else 0)) / HISTOGRAM_BINS)
+    lower = (shortest // step) * step if shortest > upper / 2 else 0  # clustered lengths: zoom in
+    num_bins = max(1, math.ceil((upper + 1 - lower) / step))
     counts, text, media = [0] * num_bins, [0] * num_bins, [0] * num_bins
     for s in samples:
-        b = min(num_bins - 1, s["tokens"] // step)
+        b = min(num_bins - 1, (s["tokens"] - lower) // step)
         counts[b] += 1
         text[b] += s["text"]
         media[b] += s["media"]
     peak = max(counts)
-    x = lambda tokens: left + plot_w * tokens / (num_bins * step)
+    span = num_bins * step
+    x = lambda tokens: left + plot_w * (tokens - lower) / span
     y = lambda count: top + plot_h * (1 - count / peak)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" role="img" '
              f'aria-label="token length histogram" style="max-width:{width}px;font-family:inherit">']
-    if limit < num_bins * step:
+    if limit < lower + span:
         parts.append(f'<rect x="{x(limit):.1f}" y="{top}" width="{left + plot_w - x(limit):.1f}" height="{plot_h}" '
                      'fill="#fdecea"/>')
     for k in range(5):  # horizontal grid lines
@@ -665,25 +666,31 @@ def histogram_svg(samples: list[dict], limit: int, width: int = 620, height: int
         share = media[b] / max(1, media[b] + text[b])
         x0, h = left + b * bar_w + 1, plot_h * count / peak
         h_media = h * share
-        title = f"{b * step}-{(b + 1) * step - 1} tokens: {count} samples, {share:.0%} media tokens"
+        title = f"{lower + b * step}-{lower + (b + 1) * step - 1} tokens: {count} samples, {share:.0%} media tokens"
         parts.append(f'<g><title>{_esc(title)}</title>'
                      f'<rect x="{x0:.1f}" y="{top + plot_h - h:.1f}" width="{max(1, bar_w - 2):.1f}" '
                      f'height="{h - h_media:.1f}" fill="#3b82f6" rx="1.5"/>'
                      f'<rect x="{x0:.1f}" y="{top + plot_h - h_media:.1f}" width="{max(1, bar_w - 2):.1f}" '
                      f'height="{h_media:.1f}" fill="#a855f7" rx="1.5"/></g>')
     parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#9ca3af"/>')
-    for k in range(6):
-        tokens = num_bins * step * k / 5
+    tick = _nice(span / 6)
+    for tokens in range(math.ceil(lower / tick) * tick, lower + span + 1, tick):
         parts.append(f'<text x="{x(tokens):.1f}" y="{top + plot_h + 15}" font-size="10" fill="#6b7280" '
                      f'text-anchor="middle">{tokens:,.0f}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 3}" font-size="11" fill="#374151" text-anchor="middle">'
                  'tokens per sample</text>')
-    if limit < num_bins * step:
+    if lower <= limit < lower + span:
         parts.append(f'<line x1="{x(limit):.1f}" x2="{x(limit):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#c62828" '
                      f'stroke-dasharray="4 3" stroke-width="1.5"/><text x="{x(limit) - 4:.1f}" y="{top + 10}" '
                      f'font-size="10.5" fill="#c62828" text-anchor="end">limit {limit:,}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _nice(value: float) -> int:
+    """The smallest of 1, 2, 5 x 10^k (an integer) that is >= value."""
+    magnitude = 10 ** max(0, math.floor(math.log10(max(value, 1))))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
 
 
 def _token_spans(seq: dict, example: dict) -> str:
