@@ -543,7 +543,7 @@ def _render_data(item: dict, loop: str, processor, media, cfg) -> dict:
         sequences.append({"name": name, "ids": ids, "text": [tokenizer.decode([i]) for i in ids], "trained": trained,
                           "media": media_of, "special": [bool(SPECIAL.match(t)) for t in tokenizer.convert_ids_to_tokens(ids)]})
     out = {"split": item["split"], "id": conv.sample_id, "sequences": sequences, "media": items,
-           "truncated": bool(example.get("truncated"))}
+           "truncated": example["truncated"][0]["tokens_before"] if example.get("truncated") else None}
     if loop == "grpo":
         out["answer"] = example.get("assistant")
     if loop == "cls":
@@ -621,6 +621,10 @@ def _fmt(n) -> str:
     if isinstance(n, float):
         return f"{n:,.2f}"
     return f"{n:,}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _stat(value, key: str, bad: bool = False) -> str:
@@ -728,7 +732,7 @@ def _example_html(example: dict, loop: str) -> str:
         name = "" if seq["name"] == "sequence" else f"{seq['name']}: "
         tags.append(f'<span class="tag">{name}{len(seq["ids"])} tokens, {trained} trained</span>')
     if example["truncated"]:
-        tags.append('<span class="tag red">truncated</span>')
+        tags.append(f'<span class="tag red">truncated from {example["truncated"]:,} tokens</span>')
     body = [f'<div class="card example" data-sample="{_esc(example["id"])}"><div class="meta">{" ".join(tags)}</div>']
     for seq in example["sequences"]:
         if seq["name"] != "sequence":
@@ -788,7 +792,7 @@ def _split_html(name: str, split: dict) -> str:
     if split["missing_media"]:
         ids = ", ".join(f'<code>{_esc(i)}</code>' for i in split["missing_media"])
         parts.append(f'<div class="card"><h3 style="margin-top:0;color:var(--red)">media missing '
-                     f'({len(split["missing_media"])} samples)</h3>{ids}</div>')
+                     f'({_plural(len(split["missing_media"]), "sample")})</h3>{ids}</div>')
     return "".join(parts)
 
 
@@ -813,8 +817,8 @@ def render_html(report: dict, *, title: str = "vltrain data inspector", config: 
     if est and not est["error"]:
         stats += [_stat(_fmt(est["steps_per_epoch"]), "optimizer steps / epoch"),
                   _stat(_fmt(est["tokens_per_epoch"]), ("prompt " if loop == "grpo" else "") + "tokens / epoch")]
-        batch = (f'{est["micro_batch_size"]} samples x {est["gradient_accumulation_steps"]} accumulation x '
-                 f'{est["num_processes"]} process(es) = {est["samples_per_step"]} samples per step'
+        batch = (f'micro-batch {est["micro_batch_size"]} x accumulation {est["gradient_accumulation_steps"]} x '
+                 f'{est["num_processes"]} process(es) = {_plural(est["samples_per_step"], "sample")} per step'
                  if est["samples_per_step"] else
                  f'a budget of {est["max_tokens_per_batch"]:,} tokens per micro-batch ({est["micro_batches_per_epoch"]:,} '
                  f'micro-batches per epoch) x {est["gradient_accumulation_steps"]} accumulation x {est["num_processes"]} '
