@@ -173,7 +173,7 @@ def test_grpo_metrics_plot(tmp_path):
     assert panels["GRPO rewards"] == ["eval/reward", "eval/rewards/accuracy", "eval/rewards/format", "reward",
                                       "rewards/accuracy/mean", "rewards/format/mean"]
     assert [series_label(k) for k in panels["GRPO rewards"]] == [
-        "eval mean (total)", "eval accuracy", "eval format", "mean (total)", "accuracy", "format"]
+        "eval total", "eval accuracy", "eval format", "total", "accuracy", "format"]
 
 
 def test_cls_metrics_plot(tmp_path):

@@ -107,35 +107,50 @@ def group_panels(keys) -> list[tuple[str, list[str]]]:
     return sorted(panels.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
 
 
-_LABELS = {"loss": "train", "eval_loss": "eval", "eval/loss": "eval", "lr": "lr", "reward": "mean (total)",
-           "eval/reward": "eval mean (total)", "train_accuracy": "train", "eval/accuracy": "eval",
-           "tokens_per_s": "training", "rollout_tokens_per_s": "rollout"}
+_LABELS = {"loss": "train", "eval_loss": "eval", "eval/loss": "eval", "reward": "total", "eval/reward": "eval total",
+           "reward_std": "total", "advantage_std": "advantage", "completion_length": "mean",
+           "completion_length_max": "max", "clip_frac": "clipped tokens", "truncated_frac": "truncated completions",
+           "train_accuracy": "train", "eval/accuracy": "eval", "tokens_per_s": "training",
+           "rollout_tokens_per_s": "rollout"}
+_COUNTERPARTS = {"eval_loss": "loss", "eval/loss": "loss", "eval/reward": "reward", "eval/accuracy": "train_accuracy"}
 
 
 def series_label(key: str) -> str:
-    """The legend label of a series: `eval/rewards/margin` -> `eval margin`, `rewards/fmt/mean` -> `fmt`."""
+    """The legend label of a series: `eval/rewards/margin` -> `eval margin`, `rewards/fmt/mean` -> `fmt`,
+    `rewards/fmt/none_frac` -> `fmt: None reward`."""
     if key in _LABELS:
         return _LABELS[key]
     eval_ = key.startswith("eval/")
     name = key.removeprefix("eval/")
     name = re.sub(r"^(rewards|logps|loss|time)/", "", name)
-    name = re.sub(r"/(mean|std|none_frac)$", "", name)
+    name = re.sub(r"/(mean|std)$", "", name)
+    name = re.sub(r"/none_frac$", ": None reward", name)
     return ("eval " if eval_ else "") + name.removesuffix("_s")
 
 
+def _train_counterpart(key: str, keys: list[str]) -> str:
+    """The training series an eval series continues (drawn in its colour): eval/rewards/margin -> rewards/margin,
+    GRPO's eval/rewards/<name> -> rewards/<name>/mean."""
+    if key in _COUNTERPARTS:
+        return _COUNTERPARTS[key]
+    name = key.removeprefix("eval/")
+    return f"{name}/mean" if f"{name}/mean" in keys else name
+
+
 def _draw(ax, title: str, keys: list[str], series: dict) -> None:
-    colours: dict[str, str] = {}
-    for key in keys:
+    train = [k for k in keys if not k.startswith("eval")]
+    colours = {key: f"C{i % 10}" for i, key in enumerate(train)}
+    for key in train:  # every logged step: a line (points too when there are few)
         steps, values = series[key]
-        label = series_label(key)
-        base = label.removeprefix("eval ") if key.startswith("eval") else label
-        if base not in colours:
-            colours[base] = f"C{len(colours) % 10}"
-        if key.startswith("eval"):  # a few evaluations: points joined by a dashed line
-            ax.plot(steps, values, "o--", color=colours[base], markersize=4, linewidth=1.2, label=label)
-        else:
-            ax.plot(steps, values, "-", color=colours[base], linewidth=1.4, label=label,
-                    marker="o" if len(steps) <= 25 else None, markersize=2.5)
+        ax.plot(steps, values, "-", color=colours[key], linewidth=1.4, label=series_label(key),
+                marker="o" if len(steps) <= 25 else None, markersize=2.5)
+    for key in keys:  # a few evaluations: points joined by a dashed line, in their training series' colour
+        if key in colours:
+            continue
+        counterpart = _train_counterpart(key, keys)
+        colour = colours.setdefault(counterpart if counterpart in colours else key, f"C{len(colours) % 10}")
+        steps, values = series[key]
+        ax.plot(steps, values, "o--", color=colour, markersize=4, linewidth=1.2, label=series_label(key))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -143,7 +158,7 @@ def _draw(ax, title: str, keys: list[str], series: dict) -> None:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if len(keys) > 1:
-        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
 
 
 def plot_run(output_dir, out=None) -> Path | None:
