@@ -81,16 +81,18 @@ def test_stream_cuts_at_a_stop_string_as_generate_does(tmp_path):
 
 def test_closing_the_stream_stops_generation():
     model, processor = _tiny()
+    conv, settings = Conversation("p", [Turn("user", [Part("text", "Say hello.")])]), GenerationSettings(max_new_tokens=150)
+    free = generate(model, processor, [conv], settings, media=_media(), show_progress=False)[0]
+    assert free.finish_reason == "length"  # left alone, it runs all 150 tokens (150 forwards)
     forwards = []
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        texts = stream(model, processor, Conversation("p", [Turn("user", [Part("text", "Say hello.")])]),
-                       GenerationSettings(max_new_tokens=400), media=_media())
+        texts = stream(model, processor, conv, settings, media=_media())
         first = next(texts)
         texts.close()  # joins the generation thread
         assert first
         assert not any(t.name == "vltrain-stream" and t.is_alive() for t in threading.enumerate())
-        assert len(forwards) < 100  # stopped early: 400 tokens would take 400 forwards
+        assert len(forwards) < 50
     finally:
         hook.remove()
 
@@ -189,6 +191,30 @@ def test_build_app_prefills_system_prompt_and_controls(tmp_path):
     assert set(app.textbox.file_types) == {"image", "video"}
     trained.system_prompt = None
     assert build_app(trained, GenerationSettings()).additional_inputs[0].value == ""
+
+
+def test_chat_function_streams_generate_reply_and_shows_user_errors(tmp_path):
+    import gradio as gr
+
+    from vltrain.inference import TrainedModel
+    from vltrain.serve import build_app
+
+    model, processor = _tiny()
+    trained = TrainedModel(model, processor, _media(), None, None, tmp_path, {})
+    reply = build_app(trained, GenerationSettings()).fn
+    image = write_image(tmp_path / "a.png", (96, 80), seed=3)
+    message = {"text": "What colour?", "files": [str(image)]}
+    # Sliders hand over floats; system box "", temperature 0, top_p 1, top_k 0, repetition 1, 6 new tokens.
+    texts = list(reply(message, [], "Be brief.", 0.0, 1.0, 0.0, 1.0, 6.0))
+    prompt = Conversation("chat", [Turn("user", [Part("image", str(image)), Part("text", "What colour?")])])
+    expected = generate(model, processor, [prompt], GenerationSettings(max_new_tokens=6), media=_media(),
+                        system_prompt="Be brief.", show_progress=False)[0].text
+    assert len(texts) > 1 and texts[-1] == expected
+    with pytest.raises(gr.Error, match="neither an image nor a video"):
+        next(reply({"text": "read", "files": ["/u/notes.pdf"]}, [], "", 0.0, 1.0, 0.0, 1.0, 6.0))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(gr.Error, match="broken.png"):
+        list(reply({"text": "look", "files": [str(tmp_path / "broken.png")]}, [], "", 0.0, 1.0, 0.0, 1.0, 6.0))
 
 
 # ------------------------------------------------------------------------------------------ browser

@@ -121,6 +121,7 @@ def build_app(trained, defaults: GenerationSettings):
     controls start at `defaults`. Not launched."""
     import gradio as gr
 
+    from vltrain.data.encode import SampleSkipped
     from vltrain.generation import stream
 
     if not isinstance(defaults, GenerationSettings):
@@ -135,8 +136,11 @@ def build_app(trained, defaults: GenerationSettings):
                 stop_strings=defaults.stop_strings, seed=defaults.seed)
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        yield from stream(trained.model, trained.processor, conversation, settings, media=trained.media,
-                          image_folder=trained.image_folder, system_prompt=system_prompt)
+        try:
+            yield from stream(trained.model, trained.processor, conversation, settings, media=trained.media,
+                              image_folder=trained.image_folder, system_prompt=system_prompt)
+        except (ValueError, SampleSkipped) as e:  # an unreadable upload, a processor refusal: shown, not fatal
+            raise gr.Error(str(e)) from e
 
     controls = [
         gr.Textbox(value=trained.system_prompt or "", label="System prompt", lines=2,
@@ -153,7 +157,7 @@ def build_app(trained, defaults: GenerationSettings):
     return gr.ChatInterface(
         reply, multimodal=True,
         textbox=gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple",
-                                     placeholder="Ask about an image or a video (attach with the clip)", sources=["upload"]),
+                                     placeholder="Ask about an image or a video (attach with the paperclip)", sources=["upload"]),
         chatbot=gr.Chatbot(label="vltrain", height=560, elem_id="chat"),
         additional_inputs=controls,
         additional_inputs_accordion=gr.Accordion("System prompt and sampling", open=False),
@@ -179,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the training dtype; CPU: float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     defaults = GenerationSettings()
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="initial 'Max new tokens' of the page")
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="initial 'Max new tokens' of the page (default 512)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="initial temperature (0 = greedy)")
     parser.add_argument("--top_p", type=float, default=defaults.top_p, help="initial top-p (1 = off)")
     parser.add_argument("--top_k", type=int, default=defaults.top_k, help="initial top-k (0 = off)")
