@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default=None, help="base model of an adapter export (default: the recorded one)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
                         help="load the LLM's linear layers in 4 or 8 bits (bitsandbytes, GPU)")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="most tokens generated per reply")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (default 16)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="most tokens generated per reply (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
@@ -88,7 +88,10 @@ def score_line(sample_id: str, prediction: str, finish_reason: str, reference: s
 def summarise(lines: list[dict]) -> dict:
     """{num_predictions, num_with_reference, exact_match, contains_match} (rates None without references)."""
     scored = [line for line in lines if "reference" in line]
-    rate = (lambda key: sum(line[key] for line in scored) / len(scored)) if scored else (lambda key: None)
+
+    def rate(key: str) -> float | None:
+        return sum(line[key] for line in scored) / len(scored) if scored else None
+
     return {"num_predictions": len(lines), "num_with_reference": len(scored), "exact_match": rate("exact_match"),
             "contains_match": rate("contains_match")}
 
