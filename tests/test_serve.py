@@ -162,6 +162,15 @@ def test_host_warning_only_off_this_machine():
     assert warning.startswith("warning: serving on 0.0.0.0") and "anyone who can reach this machine" in warning
 
 
+def test_serving_off_this_machine_warns_before_anything_else(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["--model", str(tmp_path / "nowhere"), "--host", "0.0.0.0"])
+    assert capsys.readouterr().out.splitlines()[0] == host_warning("0.0.0.0")
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "nowhere")])
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_main_user_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: --model .*nowhere.*: no such folder$"):
         main(["--model", str(tmp_path / "nowhere")])

@@ -217,22 +217,22 @@ def serve(args: argparse.Namespace) -> None:
     except ValueError as e:  # name the option, not the dataclass field
         raise ValueError(str(e).replace("GenerationSettings.stop_strings", "--stop")
                          .replace("GenerationSettings.", "--")) from None
+    warning = host_warning(args.host)
+    if warning:  # first, so it is on screen however long the loading takes
+        print(warning, flush=True)
     print(f"loading {args.model} ...", flush=True)
     trained = load_trained(args.model, base=args.base, bits=args.bits, dtype=args.dtype, device=args.device)
     if args.system_prompt is not None:
         trained.system_prompt = args.system_prompt
     print(describe(trained).replace("**", "").replace("`", ""), flush=True)
     app = build_app(trained, settings)
-    warning = host_warning(args.host)
-    if warning:
-        print(warning, flush=True)
     try:
         app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
                                                       prevent_thread_lock=True, quiet=True, show_error=True)
     except OSError as e:  # gradio: "Cannot find empty port ..."
         raise ValueError(f"--port {args.port}: {e}") from e
-    print(f"vltrain serve: chat with {_model_name(trained)} at http://{args.host}:{args.port} (Ctrl+C stops)",
-          flush=True)
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    print(f"vltrain serve: chat with {_model_name(trained)} at http://{host}:{args.port} (Ctrl+C stops)", flush=True)
     try:
         app.block_thread()
     except KeyboardInterrupt:
