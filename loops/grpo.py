@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_step, next_micro_batches,
+from vltrain.training import (LoopResult, end_of_step, finish_result, finish_step, log_metrics, log_step, next_micro_batches,
                               prepare_run, start_steps)
 from vltrain.config import DataConfig
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS
@@ -227,6 +227,8 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
     if eval_prompts and state.step == 0:
         result.eval_rewards.append((0, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards, grpo_cfg, 0)))
         print0(f"held-out mean reward before training: {result.eval_rewards[-1][1]['reward']:.3f}")
+        log_metrics(accelerator, tcfg.output_dir, {f"eval/{k}": v for k, v in result.eval_rewards[-1][1].items()},
+                    result.eval_rewards[-1][0])
 
     guard, batches, bar = start_steps(accelerator, run, "grpo")
     with Preemption() as preemption:
@@ -305,6 +307,8 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
         result.eval_rewards.append((state.step, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards,
                                                                  grpo_cfg, state.step)))
         print0(f"held-out mean reward after training: {result.eval_rewards[-1][1]['reward']:.3f}")
+        log_metrics(accelerator, tcfg.output_dir, {f"eval/{k}": v for k, v in result.eval_rewards[-1][1].items()},
+                    result.eval_rewards[-1][0])
     return finish_result(accelerator, run, result, skips, [])
 
 

@@ -25,6 +25,7 @@ from vltrain.data.media import MediaOptions
 from vltrain.distributed import gather_lists
 from vltrain.run import finish_run, open_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
+from vltrain.training import log_metrics
 
 
 def setup(argv: list[str]) -> SFTConfig:
@@ -94,6 +95,7 @@ def main(cfg: SFTConfig) -> dict:
         summary["exact_match"] = sum(r["correct"] for r in scored) / max(1, len(scored))
         if accelerator.is_main_process:
             (Path(cfg.train.output_dir) / "exact_match.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+        log_metrics(accelerator, cfg.train.output_dir, {"eval/exact_match": summary["exact_match"]}, result.step)
         print0(f"held-out exact-match accuracy: {summary['exact_match']:.1%} on {len(scored)} samples")
     return finish_run(accelerator, cfg, summary)
 

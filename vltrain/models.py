@@ -108,4 +108,6 @@ def enable_gradient_checkpointing(model, every_n_layers: int = 1) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise ValueError("model.checkpoint_every_n_layers > 1 needs transformers >= 5.23")
-    model.config.use_cache = False
+    for config in (model.config, getattr(model.config, "text_config", None)):  # the decoder reads text_config's
+        if config is not None:
+            config.use_cache = False

@@ -157,8 +157,11 @@ def _draw(ax, title: str, keys: list[str], series: dict) -> None:
     ax.grid(True, alpha=0.3)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if len(keys) > 1:
+    if len(keys) > 1 or title.endswith("metrics"):  # a generic panel names its one series too
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    if len(keys) == 1 and len(series[keys[0]][0]) == 1:  # one point: label its value (an axis of one point says little)
+        (step,), (value,) = series[keys[0]]
+        ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(6, 6), fontsize=8)
 
 
 def plot_run(output_dir, out=None) -> Path | None:

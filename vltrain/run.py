@@ -30,7 +30,7 @@ def parse_config(cls, argv: list[str], *, default: str | None = None):
     path = None
     if argv and "=" not in argv[0]:
         path, argv = Path(argv[0]), argv[1:]
-        if not path.suffix and not path.exists() and (CONFIGS_DIR / f"{path}.yaml").is_file():
+        if not path.suffix and not path.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
             path = CONFIGS_DIR / f"{path}.yaml"
     print0(f"config: {path if path else 'built-in defaults'}" + (f" + {len(argv)} override(s)" if argv else ""))
     return load_config(cls, path, argv)
@@ -47,6 +47,7 @@ def open_run(cfg, load) -> tuple[object, dict]:
     from vltrain.distributed import build_accelerator, check_kernels_supported
 
     accelerator = build_accelerator(cfg.train)
+    setup_logging(accelerator.is_main_process)  # before anything loads: library noise filtered, logs above the bars
     check_kernels_supported(accelerator, cfg.model)
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
@@ -75,17 +76,61 @@ def start_run(accelerator, cfg, name: str) -> Path:
     return output_dir
 
 
+# Files a recipe may leave in output_dir, shown in the closing summary when they exist.
+RESULT_FILES = {"exact_match.jsonl": "held-out answers", "generations_before.jsonl": "answers before training",
+                "generations_after.jsonl": "answers after training", "completions.jsonl": "sampled rollouts"}
+
+
 def finish_run(accelerator, cfg, summary: dict) -> dict:
-    """Write `summary.json`, say where the outputs are, end the trackers and the process group."""
+    """Write `summary.json` and the run's plots (vltrain.plots), say where every output is and how to use it, end the
+    trackers and the process group."""
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        where = summary.get("export_dir") or "no export (stopped early)"
-        checkpoints = output_dir / "checkpoints"
-        print0(f"done: {summary.get('steps')} steps; model: {where}; summary: {output_dir / 'summary.json'}"
-               + (f"; checkpoints: {checkpoints}" if checkpoints.is_dir() else ""))
+        print0(closing_summary(output_dir, summary, cfg.train.report_to, plot(output_dir)))
     accelerator.end_training()
     return summary
+
+
+def plot(output_dir: Path) -> Path | None:
+    """plots.png from metrics.jsonl; a plotting failure is reported, never fatal to a finished run."""
+    import logging
+
+    from vltrain.plots import plot_run
+
+    try:
+        return plot_run(output_dir)
+    except Exception as e:  # noqa: BLE001 -- the model and checkpoints are written; a plot must not lose them
+        logging.getLogger(__name__).warning("could not plot %s: %s", output_dir / "metrics.jsonl", one_line(e))
+        return None
+
+
+def closing_summary(output_dir: Path, summary: dict, report_to: str, plots: Path | None) -> str:
+    """`done: N steps; model: PATH; summary: PATH` and one line per output with the command that uses it."""
+    export = summary.get("export_dir")
+    checkpoints = output_dir / "checkpoints"
+    lines = [f"done: {summary.get('steps')} steps; model: {export or 'no export (stopped early)'}; "
+             f"summary: {output_dir / 'summary.json'}" + (f"; checkpoints: {checkpoints}" if checkpoints.is_dir() else "")]
+    rows = []
+    if export:
+        export = Path(export)
+        if (export / "classifier.json").is_file():
+            rows.append(("score a file", f"vltrain predict --model {export} --data FILE --out predictions.jsonl"))
+        else:
+            rows.append(("chat with it", f"vltrain serve --model {export}"))
+            rows.append(("batch answers", f"vltrain generate --model {export} --data FILE --out predictions.jsonl"))
+            if (export / "config.json").is_file():
+                rows.append(("transformers", f"AutoModelForImageTextToText.from_pretrained({str(export)!r})"))
+    if plots is not None:
+        rows.append(("plots", str(plots)))
+    if (output_dir / "metrics.jsonl").is_file():
+        rows.append(("metrics", str(output_dir / "metrics.jsonl")))
+    if report_to == "tensorboard":
+        rows.append(("tensorboard", f"tensorboard --logdir {output_dir}"))
+    rows += [(what, str(output_dir / name)) for name, what in RESULT_FILES.items() if (output_dir / name).is_file()]
+    width = max((len(label) for label, _ in rows), default=0) + 1
+    lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
+    return "\n".join(lines)
 
 
 def flat_config(cfg) -> dict:

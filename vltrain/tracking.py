@@ -14,21 +14,62 @@ import sys
 import torch
 
 
+class _AboveProgressBars(logging.StreamHandler):
+    """Log records (and Python warnings, through `logging.captureWarnings`) written with `tqdm.write`: on a line of
+    their own above the progress bar, never glued onto it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # noqa: BLE001 -- logging must never break a run
+            self.handleError(record)
+
+
+# Warnings a user of vltrain cannot act on (said once here, instead of on every run):
+_UNACTIONABLE = [
+    # peft records the base's name_or_path; a `tiny:` model built from config has none to record
+    (r"The PEFT config's `base_model_name_or_path` was renamed", UserWarning),
+    (r"Could not find a config file in tiny:", UserWarning),
+    # transformers 5.24 calls its own deprecated alias inside gradient checkpointing (once per layer and step)
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+]
+
+
+def quiet_library_noise() -> None:
+    """Silence the library messages listed in `_UNACTIONABLE`, and DeepSpeed's "Setting accelerator to CPU" banner on
+    machines without CUDA (DS_ACCELERATOR=cpu is what it would pick anyway)."""
+    import warnings
+
+    for message, category in _UNACTIONABLE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
+    """INFO from vltrain on the main process (WARNING elsewhere), as lines above the progress bar; Python warnings
+    go the same way; the unactionable ones are dropped (`quiet_library_noise`)."""
+    quiet_library_noise()
+    handler = _AboveProgressBars()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=[handler], force=True)
+    logging.captureWarnings(True)
     for noisy in ("transformers", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not is_main else logging.WARNING)
 
 
 def print0(*args, **kwargs) -> None:
-    """print on the main process only (rank from the launcher's environment)."""
+    """print on the main process only (rank from the launcher's environment), above any progress bar."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
+        if kwargs:
+            print(*args, **kwargs, flush=True)
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+        sys.stdout.flush()
 
 
 def peak_memory_gib(device: torch.device) -> float:

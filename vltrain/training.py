@@ -85,8 +85,13 @@ def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loa
         print0(f"resumed from {resume_from} at step {state.step}")
     start_metrics_file(accelerator, train_cfg.output_dir, state.step if resume_from is not None else None)
     print0(describe_run(train_loader, ga, accelerator.num_processes, num_steps, steps_per_epoch))
-    for group in optimizer.param_groups:
-        print0(f"  param group {group.get('name', '?'):<18} lr {group['lr']:.2e}  wd {group['weight_decay']}  "
+    if train_cfg.max_steps > 0:
+        print0(f"  train.max_steps={train_cfg.max_steps} sets the length ({num_steps / steps_per_epoch:.2f} epochs); "
+               f"train.num_epochs={train_cfg.num_epochs:g} is not used")
+    for group in optimizer.param_groups:  # the configured (peak) rate; the scheduler's first one when warm-up starts lower
+        peak, first = group.get("initial_lr", group["lr"]), group["lr"]
+        warmup = f" (warm-up from {first:.2e})" if first != peak and state.step == 0 else ""
+        print0(f"  param group {group.get('name', '?'):<18} peak lr {peak:.2e}{warmup}  wd {group['weight_decay']}  "
                f"params {sum(p.numel() for p in group['params']):,}")
     return Run(model, optimizer, scheduler, train_loader, eval_loader, train_cfg, num_steps, state,
                skipped_before=state.num_skipped, bad_before=state.num_bad_steps)
