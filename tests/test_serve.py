@@ -27,7 +27,7 @@ from vltrain.generation import GenerationSettings, generate, stream
 from vltrain.serve import host_warning, main, media_kind, to_conversation
 from vltrain.tiny import build_tiny
 
-from conftest import REPO, write_image, write_video
+from conftest import REPO, write_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL_TYPE = "qwen2_5_vl"
@@ -81,7 +81,8 @@ def test_stream_cuts_at_a_stop_string_as_generate_does(tmp_path):
 
 def test_closing_the_stream_stops_generation():
     model, processor = _tiny()
-    conv, settings = Conversation("p", [Turn("user", [Part("text", "Say hello.")])]), GenerationSettings(max_new_tokens=150)
+    conv = Conversation("p", [Turn("user", [Part("text", "Say hello.")])])
+    settings = GenerationSettings(max_new_tokens=150)
     free = generate(model, processor, [conv], settings, media=_media(), show_progress=False)[0]
     assert free.finish_reason == "length"  # left alone, it runs all 150 tokens (150 forwards)
     forwards = []

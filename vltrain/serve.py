@@ -45,10 +45,10 @@ def _content_parts(content) -> list[Part]:
     (gradio's old tuple format) or a list of these."""
     if isinstance(content, str):
         return [Part("text", content)] if content.strip() else []
-    if isinstance(content, (list, tuple)) and not (isinstance(content, tuple) and all(isinstance(c, str) for c in content)):
-        return [part for item in content for part in _content_parts(item)]
-    if isinstance(content, tuple):  # (path,) or (path, alt_text)
+    if isinstance(content, tuple) and content and all(isinstance(c, str) for c in content):  # (path, alt_text?)
         return [Part(media_kind(content[0]), content[0])]
+    if isinstance(content, (list, tuple)):
+        return [part for item in content for part in _content_parts(item)]
     if isinstance(content, dict):
         if content.get("type") == "text":
             return _content_parts(content.get("text") or "")
@@ -58,7 +58,8 @@ def _content_parts(content) -> list[Part]:
     raise ValueError(f"chat history: cannot read message content {content!r}")
 
 
-def to_conversation(history: list[dict], message: dict | str, system_text: str | None) -> tuple[Conversation, str | None]:
+def to_conversation(history: list[dict], message: dict | str,
+                    system_text: str | None) -> tuple[Conversation, str | None]:
     """(the prompt Conversation, system_prompt) for gradio's `history` (role / content messages) plus the new
     `message` ({"text", "files"} of a MultimodalTextbox, or a string). Consecutive messages of one role are one turn
     (gradio returns a user turn with a file as two user messages); files come before the text, as gradio shows them;
@@ -156,8 +157,8 @@ def build_app(trained, defaults: GenerationSettings):
     ]
     return gr.ChatInterface(
         reply, multimodal=True,
-        textbox=gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple",
-                                     placeholder="Ask about an image or a video (attach with the paperclip)", sources=["upload"]),
+        textbox=gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple", sources=["upload"],
+                                     placeholder="Ask about an image or a video (attach with the paperclip)"),
         chatbot=gr.Chatbot(label="vltrain", height=560, elem_id="chat"),
         additional_inputs=controls,
         additional_inputs_accordion=gr.Accordion("System prompt and sampling", open=False),
@@ -179,23 +180,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vltrain.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export folder, a run folder (its final/), or a LoRA export")
     parser.add_argument("--base", default=None, help="base model of a LoRA export (default: the one it was trained on)")
-    parser.add_argument("--bits", type=int, default=16, choices=(4, 8, 16), help="load the LLM in 4 or 8 bit (bitsandbytes)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the training dtype; CPU: float32)")
+    parser.add_argument("--bits", type=int, default=16, choices=(4, 8, 16),
+                        help="load the LLM in 4 or 8 bit (bitsandbytes)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 (default: the training dtype; CPU: float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     defaults = GenerationSettings()
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="initial 'Max new tokens' of the page (default 512)")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="initial temperature (0 = greedy)")
+    parser.add_argument("--max_new_tokens", type=int, default=512,
+                        help="initial 'Max new tokens' of the page (default 512)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="initial temperature (0 = greedy)")
     parser.add_argument("--top_p", type=float, default=defaults.top_p, help="initial top-p (1 = off)")
     parser.add_argument("--top_k", type=int, default=defaults.top_k, help="initial top-k (0 = off)")
-    parser.add_argument("--min_p", type=float, default=defaults.min_p, help="min-p for every reply (0 = off; no control)")
+    parser.add_argument("--min_p", type=float, default=defaults.min_p,
+                        help="min-p for every reply (0 = off; no control)")
     parser.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty,
                         help="initial repetition penalty (1 = off)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop a reply after this text (repeatable; no control)")
     parser.add_argument("--seed", type=int, default=None, help="seed every sampled reply (default: not seeded)")
-    parser.add_argument("--system_prompt", default=None, help="prefill the system prompt box with this instead of the run's")
+    parser.add_argument("--system_prompt", default=None,
+                        help="prefill the system prompt box with this instead of the run's")
     args = parser.parse_args(argv)
     try:
         serve(args)
@@ -213,7 +220,8 @@ def serve(args: argparse.Namespace) -> None:
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                      repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed)
+                                      repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+                                      seed=args.seed)
     except ValueError as e:  # name the option, not the dataclass field
         raise ValueError(str(e).replace("GenerationSettings.stop_strings", "--stop")
                          .replace("GenerationSettings.", "--")) from None
