@@ -15,11 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from vltrain.cli import program
+
 
 def main(argv: list[str]) -> Path:
     from vltrain.lora import merge_adapter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python recipes/merge_lora.py"), description=__doc__.split("\n")[0])
     parser.add_argument("adapter_dir")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--out", default=None, help="output folder (default: ADAPTER_DIR/../merged)")

@@ -43,6 +43,11 @@ LAUNCH_OPTIONS = ("--config_file", "--num_processes", "--num_machines", "--machi
                   "--main_process_port", "--gpu_ids", "--mixed_precision")
 
 
+def program(default: str) -> str:
+    """The name a tool's argparse shows in its usage line: `vltrain serve` under this CLI, else `default`."""
+    return os.environ.get("VLTRAIN_COMMAND") or default
+
+
 def usage() -> str:
     lines = [__doc__.strip().splitlines()[0], "", "usage: vltrain COMMAND [arguments]  (vltrain COMMAND --help)", "",
              "training (through accelerate launch):"]
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return train(command, rest)
         if command in TOOLS:
             module = importlib.import_module(TOOLS[command][0])
-            sys.argv[0] = f"vltrain {command}"  # argparse's usage line names the command the user typed
+            os.environ["VLTRAIN_COMMAND"] = f"vltrain {command}"  # the usage line names what the user typed
             result = module.main(rest)
             return result if isinstance(result, int) else 0
     except ValueError as e:

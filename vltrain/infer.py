@@ -31,6 +31,7 @@ import re
 import sys
 from pathlib import Path
 
+from vltrain.cli import program
 from vltrain.data.formats import Conversation, DataFormatError, load_conversations
 
 # Options that only mean something for a generative model (refused for a classifier export).
@@ -39,7 +40,7 @@ GENERATION_OPTIONS = ("base", "bits", "max_new_tokens", "temperature", "top_p", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vltrain.infer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python -m vltrain.infer"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="an export of a recipe (OUTPUT_DIR/final, its merged/ or adapter/ export) or a run folder")
     parser.add_argument("--data", required=True, help="JSON / JSONL records in a training format (LLaVA or messages)")

@@ -41,6 +41,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from vltrain.cli import program
+
 LOOPS = ("sft", "dpo", "grpo", "cls")
 DEFAULT_EXAMPLES = 8
 LISTED_IN_TERMINAL = 10  # rejected ids printed on stdout
@@ -887,7 +889,7 @@ def default_out(cfg) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vltrain.inspector",
+        prog=program("python -m vltrain.inspector"),
         description="Check a dataset against the model's processor before training (no weights loaded): rejected "
                     "samples, missing media, token lengths, steps per epoch, label masks. Writes an HTML report.")
     parser.add_argument("config", nargs="*", metavar="CONFIG [section.field=value ...]",

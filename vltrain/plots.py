@@ -24,6 +24,8 @@ import re
 import sys
 from pathlib import Path
 
+from vltrain.cli import program
+
 METRICS_FILE = "metrics.jsonl"  # under train.output_dir
 PLOTS_FILE = "plots.png"
 NUM_COLUMNS = 3
@@ -202,7 +204,7 @@ def plot_run(output_dir, out=None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    parser = argparse.ArgumentParser(prog="python -m vltrain.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python -m vltrain.plots"), description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
                         help="a run's folder: its train.output_dir, which holds metrics.jsonl")
     parser.add_argument("--out", default=None, help="where to write the PNG (default: OUTPUT_DIR/plots.png)")

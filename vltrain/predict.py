@@ -25,6 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vltrain.cli import program
 from vltrain.classifier import load_classifier
 
 
@@ -112,7 +113,7 @@ def predict_file(model_dir, data_path, out_path, *, batch_size: int = 16, image_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vltrain.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python -m vltrain.predict"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export of recipes/cls.py (its best/ or final/ folder)")
     parser.add_argument("--data", required=True, help="JSON / JSONL records {id, image | video, prompt?, label?}")
     parser.add_argument("--out", required=True, help="where to write the predictions (JSONL)")

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from vltrain.cli import program
 from vltrain.data.formats import Conversation, Part, Turn
 from vltrain.generation import GenerationSettings
 
@@ -177,7 +178,7 @@ def host_warning(host: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vltrain.serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python -m vltrain.serve"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export folder, a run folder (its final/), or a LoRA export")
     parser.add_argument("--base", default=None, help="base model of a LoRA export (default: the one it was trained on)")
     parser.add_argument("--bits", type=int, default=16, choices=(4, 8, 16),
