@@ -206,8 +206,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
         while state.step < run.num_steps:
             t0 = time.perf_counter()
             micro_batches = next_micro_batches(batches, state, ga)
-            num_pairs = accelerator.reduce(torch.tensor(sum(mb["num_pairs"] for mb in micro_batches),
-                                                        device=accelerator.device), "sum")
+            my_pairs = torch.tensor(sum(mb["num_pairs"] for mb in micro_batches), device=accelerator.device)
+            num_pairs = accelerator.reduce(my_pairs.clone(), "sum")
             step_loss = torch.zeros((), device=accelerator.device)
             sums = defaultdict(lambda: torch.zeros((), device=accelerator.device))
             real_tokens, pair_ids = 0, []
@@ -228,7 +228,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
             step_loss, grad_norm, stepped = finish_step(accelerator, run, guard, optim_cfg.max_grad_norm, step_loss,
                                                         pair_ids)
             result.losses.append(step_loss)
-            means = _pair_means(accelerator, sums, num_pairs)
+            means = _pair_means(accelerator, sums, my_pairs)  # it sums the counts over the ranks itself
             result.metrics.append(means)
             seconds = time.perf_counter() - t0
             tokens_per_s = accelerator.reduce(torch.tensor(real_tokens, device=accelerator.device), "sum").item() / seconds

@@ -293,6 +293,8 @@ def test_two_process_cpu_run(tmp_path, pair_data):
     assert summary["steps"] == 3 and summary["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
     assert "2 process(es) = 2 samples/step" in proc.stdout
     assert summary["eval"][0]["step"] == 0 and summary["eval"][-1]["step"] == 3
+    # the step's pair means are over the pairs of both ranks, counted once (were halved: the count summed twice)
+    assert summary["last_step_metrics"]["loss/sigmoid"] == pytest.approx(summary["losses"][-1], rel=1e-4)
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
