@@ -1,4 +1,4 @@
-"""The embedded default: `accelerate launch recipes/sft.py` with no arguments must really learn."""
+"""The embedded default: `vltrain sft` (= `accelerate launch recipes/sft.py`) with no arguments must really learn."""
 
 import json
 import os
@@ -12,9 +12,8 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_demo_reaches_90_percent_held_out_accuracy(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/sft.py",
-           "demo", f"train.output_dir={tmp_path / 'demo'}"]  # overrides need their base named: the demo
+    # the README's command (`vltrain sft`: the recipe through accelerate launch); overrides need their base named
+    cmd = [sys.executable, "-m", "vltrain.cli", "sft", "demo", f"train.output_dir={tmp_path / 'demo'}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
