@@ -214,7 +214,7 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
     G, iterations = grpo_cfg.num_generations, grpo_cfg.num_iterations
     skips = SkipLedger(max_bad_fraction, max(1, len(train_loader.dataset) // world))
     # one step = one micro-batch per accumulation step; a round of num_iterations steps shares one rollout
-    run = prepare_run(accelerator, model, train_loader, tcfg, optim_cfg)
+    run = prepare_run(accelerator, model, train_loader, tcfg, optim_cfg, steps_per_batch=grpo_cfg.num_iterations)
     model, state = run.model, run.state
     if grpo_cfg.beta > 0:
         reference.prepare(accelerator, model)

@@ -193,6 +193,27 @@ def test_num_iterations_reuse_the_rollout_and_ratios_move_after_the_first_update
     assert abs(ratios[1] - 1.0) > 1e-6 and abs(ratios[3] - 1.0) > 1e-6  # the second update sees a moved policy
 
 
+def test_an_epoch_with_num_iterations_sees_every_prompt_once(tmp_path, prompt_data, monkeypatch):
+    """train.num_epochs=1 with grpo.num_iterations=2: every prompt is rolled out once, each rollout feeds two
+    steps (the step count was that of one iteration, so an epoch stopped halfway through the data)."""
+    import loops.grpo as loop
+    from recipes.grpo import main
+
+    seen = []
+    real_rollout = loop.Rollout.__call__
+
+    def counting_rollout(self, model, prompts):
+        seen.extend(p["id"] for p in prompts)
+        return real_rollout(self, model, prompts)
+
+    monkeypatch.setattr(loop.Rollout, "__call__", counting_rollout)
+    summary = main(grpo_config(tmp_path, prompt_data, **{"train.max_steps": -1, "train.num_epochs": 1,
+                                                         "grpo.num_iterations": 2}))
+    num_prompts = len(json.loads(prompt_data.read_text()))
+    assert sorted(seen) == sorted(dict.fromkeys(seen)) and len(seen) == num_prompts
+    assert summary["steps"] == 2 * math.ceil(num_prompts / 2)  # micro_batch_size 2, one rollout per 2 steps
+
+
 def test_gradient_accumulation_and_a_video_prompt_train(tmp_path, prompt_data):
     from recipes.grpo import main
 

@@ -88,9 +88,10 @@ def resumable_batches(accelerator, loader, start_epoch: int = 0, skip: int = 0):
         epoch += 1
 
 
-def total_steps(train_cfg, loader, accumulation: int) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch) for a prepared loader (its len() is this rank's share)."""
-    per_epoch = max(1, math.ceil(len(loader) / accumulation))
+def total_steps(train_cfg, loader, accumulation: int, steps_per_batch: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) for a prepared loader (its len() is this rank's share);
+    `steps_per_batch`: optimizer steps each step's worth of batches feeds (GRPO's grpo.num_iterations)."""
+    per_epoch = max(1, math.ceil(len(loader) / accumulation)) * steps_per_batch
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps, per_epoch
     return max(1, math.ceil(train_cfg.num_epochs * per_epoch)), per_epoch

@@ -67,15 +67,18 @@ class LoopResult:
     model: object = None  # the prepared model (export it with vltrain.checkpoint.export_model)
 
 
-def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None) -> Run:
-    """Optimizer + scheduler, `accelerator.prepare`, resume, and the banner (see the module docstring)."""
+def prepare_run(accelerator, model, train_loader, train_cfg, optim_cfg, eval_loader=None, *,
+                steps_per_batch: int = 1) -> Run:
+    """Optimizer + scheduler, `accelerator.prepare`, resume, and the banner (see the module docstring).
+    `steps_per_batch`: optimizer steps per step's worth of batches (GRPO: grpo.num_iterations), so that
+    train.num_epochs passes over the data that many times."""
     optimizer = build_optimizer(model, optim_cfg, cpu_offload=deepspeed_offloads_optimizer(accelerator))
     fill_deepspeed_auto(accelerator, model, optim_cfg.max_grad_norm)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     ga = accelerator.gradient_accumulation_steps
-    num_steps, steps_per_epoch = total_steps(train_cfg, train_loader, ga)
+    num_steps, steps_per_epoch = total_steps(train_cfg, train_loader, ga, steps_per_batch)
     scheduler = build_scheduler(optimizer, optim_cfg, num_steps)  # not prepared: loops step it once per step
 
     state = TrainState()
