@@ -29,6 +29,7 @@ from vltrain.distributed import gather_lists
 from vltrain.preference import needs_reference
 from vltrain.run import finish_run, open_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
+from vltrain.training import log_metrics
 
 
 def setup(argv: list[str]) -> DPOConfig:
@@ -130,6 +131,8 @@ def main(cfg: DPOConfig) -> dict:
         summary["generations_after"] = generation_check(accelerator, accelerator.unwrap_model(result.model),
                                                         built.processor, pairs, media, data, label="after DPO",
                                                         path=Path(cfg.train.output_dir) / "generations_after.jsonl")
+        log_metrics(accelerator, cfg.train.output_dir, {f"eval/greedy_{k}": summary["generations_after"][k]
+                                                        for k in ("chosen", "rejected")}, result.step)
     if result.eval_metrics:
         first, last = result.eval_metrics[0], result.eval_metrics[-1]
         print0(f"held-out preference accuracy: {first[1]['rewards/accuracy']:.1%} at step {first[0]} -> "
