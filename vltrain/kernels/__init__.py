@@ -2,12 +2,15 @@
 
 Kernels (module docstrings say exactly what each replaces):
 - "fused_linear_ce"       (every family)   fused_ce.py: loss from hidden states, logits never built.
-- "vision_window_varlen"  (qwen2_5_vl)     vision_varlen.py: one varlen attention call over all windows.
+- "vision_varlen"         (every family)   vision_varlen.py: the vision attention as one varlen call over
+                                            all images / frames / windows (no per-segment Python loop).
+- "vision_window_varlen"  (qwen2_5_vl)     the old name of "vision_varlen" (configs written before it covered
+                                            every family): the same patch, accepted on Qwen2.5-VL only.
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
 - "compile_layers"        (every family, opt-in) compile_layers.py: each LLM decoder layer torch.compile'd.
-- "all": every kernel that applies to the model's family, except the opt-in ones.
+- "all": every kernel that applies to the model's family, except the opt-in ones (and old names).
 
 Nothing is assigned on a class: forwards are bound methods set on the instance (a deepcopy rebinds them
 to the copy) and submodules are swapped on the instance. Applying twice patches nothing new. Apply
@@ -22,10 +25,12 @@ from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
 from vltrain.kernels.rms_norm import patch_rms_norm
 from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
-from vltrain.kernels.vision_varlen import patch_vision_window_varlen
+from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen
 
-KERNELS = ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu", "compile_layers")
+KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu",
+           "compile_layers")
 OPT_IN = ("compile_layers",)  # not part of "all": it costs a compile at the start of every run
+OLD_NAMES = {"vision_window_varlen": "vision_varlen"}  # accepted where the old kernel applied; not in "all"
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.
 _NO_SWIGLU_BY_DEFAULT = ("qwen3_vl_moe",)
@@ -41,7 +46,8 @@ def applicable_kernels(model) -> list[str]:
         has_swiglu = bool(SWIGLU_MLPS.get(spec.model_type)) and spec.model_type not in _NO_SWIGLU_BY_DEFAULT
     else:
         has_swiglu = bool(swiglu_mlps(_base_model(model), spec.model_type))
-    skip = {"vision_window_varlen": not spec.window_attention, "swiglu": not has_swiglu}
+    skip = {"vision_varlen": spec.model_type not in VISION_ATTENTION,
+            "vision_window_varlen": not spec.window_attention, "swiglu": not has_swiglu}
     return [name for name in KERNELS if not skip.get(name, False)]
 
 
@@ -64,7 +70,7 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
     requested: list[str] = []
     for name in kernels:
         if name == "all":
-            requested.extend(k for k in applicable if k not in OPT_IN)
+            requested.extend(k for k in applicable if k not in OPT_IN and k not in OLD_NAMES)
         elif name not in KERNELS:
             raise ValueError(f"unknown kernel {name!r}; known: {list(KERNELS)} or 'all'")
         elif name not in applicable:
@@ -72,15 +78,15 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
                 raise ValueError(f"kernel {name!r} does not apply to model_type {spec.model_type!r}; "
                                  f"applicable: {applicable}")
         else:
-            requested.append(name)
+            requested.append(OLD_NAMES.get(name, name))
 
     base = _base_model(model)
     patched: list[str] = list(getattr(model, "_vltrain_kernels", []))
     for name in dict.fromkeys(requested):  # de-duplicated, in order
         if name == "fused_linear_ce":
             new = patch_fused_linear_ce(base)
-        elif name == "vision_window_varlen":
-            new = patch_vision_window_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks)
+        elif name == "vision_varlen":
+            new = patch_vision_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks, spec.model_type)
         elif name == "rms_norm":
             new = patch_rms_norm(base, spec.model_type)
         elif name == "swiglu":
