@@ -14,8 +14,9 @@ user header).
 
 `TokenBudgetBatchSampler` yields index lists whose summed example lengths stay within
 `max_tokens`, instead of a fixed number of samples. It needs every example's length up front:
-`example_lengths(dataset)` encodes each example once (in DataLoader workers) and keeps only the length
-(a preference pair's: chosen + rejected).
+`example_lengths(dataset)` estimates them from the text and the media file headers, no pixel decoded
+(vltrain.data.lengths; exact, see there), or encodes each example once with `estimate=False` (in
+DataLoader workers), keeping only the length (a preference pair's: chosen + rejected).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from vltrain.data.dataset import collate_extras
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.families import RopeIndex
+from vltrain.tracking import print0
 
 
 def pack_examples(examples: list[dict[str, torch.Tensor]], rope_index: RopeIndex) -> dict[str, torch.Tensor]:
@@ -67,8 +69,21 @@ class PackCollator:
 
 
 # --------------------------------------------------------------------------------------- token budget
-def example_lengths(dataset, num_workers: int = 0) -> list[int]:
-    """Token count of every example of `dataset` (each encoded once; media decoded in the workers)."""
+def example_lengths(dataset, num_workers: int = 0, *, estimate: bool = True) -> list[int]:
+    """Token count of every example of `dataset`: estimated from the text and the media headers without
+    decoding a pixel (vltrain.data.lengths; equal to the encoded lengths, samples it cannot measure are
+    encoded), or, with `estimate=False`, by encoding every example once (media decoded in the workers)."""
+    if not estimate:
+        return encoded_lengths(dataset, num_workers)
+    from vltrain.data.lengths import estimate_lengths  # lengths imports the datasets, which import this module
+
+    result = estimate_lengths(dataset, num_workers)
+    print0(result.summary())
+    return result.lengths
+
+
+def encoded_lengths(dataset, num_workers: int = 0) -> list[int]:
+    """Token count of every example of `dataset`, each encoded once (media decoded in the workers)."""
     loader = DataLoader(dataset, batch_size=16, num_workers=num_workers, collate_fn=_lengths)
     return [n for chunk in loader for n in chunk]
 

@@ -1,0 +1,297 @@
+"""Token counts of samples WITHOUT decoding their pixels: what token-budget batching needs up front.
+
+    from vltrain.data.lengths import estimate_lengths
+    estimate = estimate_lengths(dataset, num_workers=4)  # SFTDataset, PairDataset or ClassificationDataset
+    estimate.lengths[i] == example_length(dataset[i])    # vltrain.data.packing; estimate.encoded: fallbacks
+
+Encoding a sample decodes every image and video it holds; measuring a million-image dataset that way
+takes hours. Here a sample's length comes from the same text and the same media token counts, computed
+from file headers:
+
+* text: the conversation rendered by `render_chat` exactly as vltrain.data.encode renders it, each media
+  placeholder expanded by the processor's own `replace_image_token` / `replace_video_token` (Qwen3.x's
+  `<t seconds>` video blocks included) and the result tokenized: the token ids the processor would give.
+* images: width x height from the file header (`PIL.Image.open` reads only the header), resized by the rule
+  of vltrain.data.media.load_image (`_fit`: smart_resize with data.image_min/max_pixels, or
+  data.image_resized_width/height, in multiples of the family's image_factor) -> grid (1, h/patch, w/patch).
+* videos: frame count, frame rate and size from the container (PyAV, no frame decoded; decord's index when
+  VLTRAIN_VIDEO_BACKEND=decord), frame lists / folders from their count and the first frame's header, then
+  media.py's frame sampling (`_sample_indices`) and per-frame sizing (`_video_size`) -> grid
+  (frames / temporal_patch_size, h/patch, w/patch) and the sampled frames' indices (the timestamps).
+* truncation: the encoder's own `_truncate` runs on these token ids, so data.max_seq_length caps the
+  estimate exactly where it caps the Example (and a sample the encoder skips is skipped here too).
+
+What each dataset's Example counts (vltrain.data.packing.example_length): SFTDataset the whole conversation
+after truncation; PairDataset prompt + chosen plus prompt + rejected (each completion rendered as the reply,
+as encode_completions does); ClassificationDataset the conversation without generation prompt, truncated.
+A sample that would be skipped (too long, nothing supervised left, an unusable pair) takes the length of
+the sample that replaces it, as `SkippingDataset.__getitem__` does.
+
+Exactness: images are exact (tests compare with the encoded Examples). Videos are exact when the container's
+frame count is right (any normally muxed file). A file whose header promises more frames than it decodes is
+re-sampled by the decoder: its frame count can only fall, but the per-frame size may grow under the
+total-pixel cap, so the estimate can be off either way for that file. Samples whose media cannot be measured
+from a header -- URLs, data URIs, a missing or unreadable file, a size the resize rule refuses -- are encoded
+instead (the encoder then names the problem or skips the sample) and counted in `LengthEstimate.encoded`.
+Datasets of any other class (subclasses included: they may encode differently) are encoded entirely.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from qwen_vl_utils import vision_process as qvu
+from torch.utils.data import DataLoader, Dataset
+from transformers.video_utils import VideoMetadata
+
+from vltrain.data.dataset import SFTDataset
+from vltrain.data.encode import (IGNORE_INDEX, SampleSkipped, _truncate, assistant_label_mask, to_chat_messages)
+from vltrain.data.formats import Conversation
+from vltrain.data.labels import ClassificationDataset
+from vltrain.data.media import (FRAME_EXTENSIONS, MediaError, MediaOptions, _fit, _pixel_bounds, _sample_indices,
+                                _video_size, resolve_media_path)
+from vltrain.data.packing import example_length
+from vltrain.data.pairs import PairDataset, unusable_reason
+from vltrain.data.template import render_chat
+
+
+class Unmeasurable(Exception):
+    """A sample whose length cannot be estimated from headers (the estimate encodes it instead)."""
+
+
+@dataclass
+class LengthEstimate:
+    lengths: list[int]  # tokens of every example, in dataset order
+    encoded: list[int] = field(default_factory=list)  # indices measured by encoding (header unreadable, URL, ...)
+    seconds: float = 0.0
+    estimated: bool = True  # False: the dataset's class has no estimator, every example was encoded
+
+    def summary(self) -> str:
+        if not self.estimated:
+            return f"lengths of {len(self.lengths)} samples measured by encoding them in {self.seconds:.1f}s"
+        return (f"lengths of {len(self.lengths)} samples estimated from media headers in {self.seconds:.1f}s"
+                f" ({len(self.encoded)} encoded instead: media without a readable header)")
+
+
+# ------------------------------------------------------------------------------------------ media
+def _local_path(ref: str) -> str:
+    if re.match(r"^(https?)://", ref) or ref.startswith("data:"):
+        raise Unmeasurable(f"{ref[:60]}: not a local file")
+    path = ref.removeprefix("file://")
+    if not os.path.isfile(path):
+        raise Unmeasurable(f"{path}: not found")
+    return path
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image header; no pixel decoded."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as e:
+        raise Unmeasurable(f"{path}: {e}") from e
+    return height, width
+
+
+def image_size(ref: str, opts: MediaOptions) -> tuple[int, int]:
+    """(height, width) the data layer resizes image `ref` (a local path) to: media.load_image's rule."""
+    factor = opts.image_factor
+    if opts.image_resized_width is not None and opts.image_resized_height is not None:
+        return _fit(ref, opts.image_resized_height, opts.image_resized_width, factor)
+    height, width = _header_size(_local_path(ref))
+    bounds = _pixel_bounds(opts.image_min_pixels, opts.image_max_pixels, qvu.IMAGE_MIN_TOKEN_NUM * factor**2)
+    return _fit(ref, height, width, factor, **bounds)
+
+
+def _video_file_header(path: str) -> tuple[int, float, int, int]:
+    """(frames, fps, height, width) of a video file's first video stream, as media._decode_* read them."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise Unmeasurable(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            height, width = stream.codec_context.height, stream.codec_context.width
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # demuxing decodes nothing
+        if os.environ.get("VLTRAIN_VIDEO_BACKEND", "pyav") == "decord":  # its own frame count and rate
+            import decord
+
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            total, fps = len(reader), float(reader.get_avg_fps())
+    except Unmeasurable:
+        raise
+    except Exception as e:
+        raise Unmeasurable(f"{path}: {e}") from e
+    if fps <= 0 or not height or not width:
+        raise Unmeasurable(f"{path}: no frame rate or size in the header")
+    return total, fps, height, width
+
+
+def _frame_list(ref) -> list[str]:
+    if isinstance(ref, (list, tuple)):
+        return list(ref)
+    natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # as media._load_frame_list
+    names = sorted((f for f in os.listdir(ref) if f.lower().endswith(FRAME_EXTENSIONS)), key=natural)
+    return [os.path.join(ref, f) for f in names]
+
+
+def video_layout(ref, opts: MediaOptions) -> tuple[int, int, VideoMetadata]:
+    """(height, width, metadata with the sampled frames' indices) that media.load_video gives video `ref`."""
+    if opts.fps is not None and opts.nframes is not None:
+        raise Unmeasurable("fps and nframes both set")  # load_video names the error
+    if isinstance(ref, (list, tuple)) or os.path.isdir(ref):
+        paths = _frame_list(ref)
+        if not paths:
+            raise Unmeasurable(f"{ref}: no frames")
+        fps = opts.fps or qvu.FPS
+        total = len(paths)
+        if opts.nframes is not None:
+            indices = _sample_indices(str(ref), total, fps, opts)
+        else:
+            indices = list(range(total)) + [total - 1] * (total % qvu.FRAME_FACTOR)
+        height, width = _header_size(_local_path(paths[indices[0]]))
+    else:
+        total, fps, height, width = _video_file_header(_local_path(ref))
+        indices = _sample_indices(ref, total, fps, opts)
+    height, width = _video_size(ref, height, width, len(indices), opts)
+    metadata = VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps, frames_indices=indices,
+                             width=width, height=height)
+    return height, width, metadata
+
+
+def _media_replacements(conv: Conversation, processor, media: MediaOptions, image_folder) -> tuple[list, list]:
+    """The processor's expansion text of every image and video of `conv`, from headers only."""
+    try:
+        patch = processor.image_processor.patch_size
+        grids = []
+        for ref in conv.images:
+            height, width = image_size(resolve_media_path(ref, image_folder), media)
+            grids.append([1, height // patch, width // patch])
+        images = [processor.replace_image_token({"image_grid_thw": torch.tensor(grids)}, i) for i in range(len(grids))]
+        videos = []
+        if conv.videos:
+            video_processor = processor.video_processor
+            temporal, patch = video_processor.temporal_patch_size, video_processor.patch_size
+            grids, metadata = [], []
+            for ref in conv.videos:
+                path = [resolve_media_path(r, image_folder) for r in ref] if isinstance(ref, list) else \
+                    resolve_media_path(ref, image_folder)
+                height, width, meta = video_layout(path, media)
+                grids.append([math.ceil(len(meta.frames_indices) / temporal), height // patch, width // patch])
+                metadata.append(meta)
+            inputs = {"video_grid_thw": torch.tensor(grids), "video_metadata": metadata}
+            videos = [processor.replace_video_token(inputs, i) for i in range(len(grids))]
+    except MediaError as e:  # a size the resize rule refuses: the encoder reports it
+        raise Unmeasurable(str(e)) from e
+    return images, videos
+
+
+def _tokens(conv: Conversation, ds, *, add_generation_prompt: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    """(rendered text, {"input_ids", "mm_token_type_ids"} (L,)): what `encode._process` gets from the processor."""
+    processor = ds.processor
+    text = render_chat(processor, to_chat_messages(conv, ds.system_prompt), thinking=ds.thinking,
+                       add_generation_prompt=add_generation_prompt, sample_id=conv.sample_id)
+    images, videos = _media_replacements(conv, processor, ds.media, ds.image_folder)
+    if text.count(processor.image_token) != len(images) or text.count(processor.video_token) != len(videos):
+        raise Unmeasurable("placeholder count differs from the media count")  # the processor refuses it
+    expanded = processor.get_text_with_replacements([text], images, videos)[0][0]
+    ids = processor.tokenizer(expanded)["input_ids"]
+    types = processor.create_mm_token_type_ids([ids])[0]
+    return text, {"input_ids": torch.tensor(ids, dtype=torch.long), "mm_token_type_ids": torch.tensor(types)}
+
+
+# ------------------------------------------------------------------------------------------ per dataset
+def _sft_length(ds: SFTDataset, index: int) -> int:
+    conv = ds.conversations[index]
+    tokenizer = ds.processor.tokenizer
+    _, tokens = _tokens(conv, ds, add_generation_prompt=False)
+    ids = tokens["input_ids"]
+    tokens["labels"] = torch.where(assistant_label_mask(ids, tokenizer), ids, IGNORE_INDEX)
+    tokens, _ = _truncate(conv, tokens, ds.max_seq_length, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    if not (tokens["labels"] != IGNORE_INDEX).any():
+        raise SampleSkipped(conv.sample_id, "no assistant tokens")
+    return len(tokens["input_ids"])
+
+
+def _pair_length(ds: PairDataset, index: int) -> int:
+    """prompt + chosen + prompt + rejected, as encode_completions builds the two sequences."""
+    pair = ds.pairs[index]
+    if unusable_reason(pair) is not None:
+        raise SampleSkipped(pair.sample_id, unusable_reason(pair))
+    prompt_text, tokens = _tokens(pair.prompt, ds, add_generation_prompt=True)
+    num_prompt = len(tokens["input_ids"])
+    messages = to_chat_messages(pair.prompt, ds.system_prompt)
+    total = 0
+    for completion in (pair.chosen, pair.rejected):
+        reply = {"role": "assistant", "content": [{"type": "text", "text": completion}]}
+        full = render_chat(ds.processor, messages + [reply], thinking=ds.thinking, add_generation_prompt=False,
+                           sample_id=pair.sample_id)
+        if not full.startswith(prompt_text):
+            raise Unmeasurable("template renders the prompt differently")  # the encoder raises its error
+        num = num_prompt + len(ds.processor.tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
+        if num > ds.max_seq_length:
+            raise SampleSkipped(pair.sample_id, f"{num} tokens > max_seq_length")
+        total += num
+    return total
+
+
+def _cls_length(ds: ClassificationDataset, index: int) -> int:
+    conv = ds.conversations[index]
+    _, tokens = _tokens(conv, ds, add_generation_prompt=False)
+    im_end = ds.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokens, _ = _truncate(conv, tokens, ds.max_seq_length, im_end)
+    return len(tokens["input_ids"])
+
+
+# Exact classes only: a subclass may encode differently, so it is measured by encoding.
+ESTIMATORS = {SFTDataset: _sft_length, PairDataset: _pair_length, ClassificationDataset: _cls_length}
+
+
+def estimate_length(dataset, index: int) -> tuple[int, bool]:
+    """(tokens of `dataset[index]`, whether it had to be encoded). A sample the encoder would skip takes the
+    length of its replacement, as `SkippingDataset.__getitem__` replaces it."""
+    estimator = ESTIMATORS[type(dataset)]
+    for offset in range(dataset.max_consecutive_skips):
+        try:
+            return estimator(dataset, (index + offset) % len(dataset)), False
+        except SampleSkipped:
+            continue
+        except Unmeasurable:
+            break
+    return example_length(dataset[index]), True  # the encoder decides (and raises after too many skips)
+
+
+class _Estimates(Dataset):
+    """`estimate_length` per index, so DataLoader workers can share the work."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, int, bool]:
+        return (index, *estimate_length(self.dataset, index))
+
+
+def estimate_lengths(dataset, num_workers: int = 0) -> LengthEstimate:
+    """Every example's token count (module docstring), spread over `num_workers` loader workers."""
+    start = time.perf_counter()
+    if type(dataset) not in ESTIMATORS:
+        from vltrain.data.packing import encoded_lengths
+
+        return LengthEstimate(encoded_lengths(dataset, num_workers), estimated=False,
+                              seconds=time.perf_counter() - start)
+    loader = DataLoader(_Estimates(dataset), batch_size=64, num_workers=num_workers, collate_fn=list)
+    rows = sorted(row for chunk in loader for row in chunk)
+    assert [i for i, _, _ in rows] == list(range(len(dataset)))
+    return LengthEstimate([n for _, n, _ in rows], [i for i, _, encoded in rows if encoded],
+                          seconds=time.perf_counter() - start)
