@@ -44,6 +44,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from qwen_vl_utils import vision_process as qvu
@@ -203,9 +204,32 @@ def _tokens(conv: Conversation, ds, *, add_generation_prompt: bool) -> tuple[str
     if text.count(processor.image_token) != len(images) or text.count(processor.video_token) != len(videos):
         raise Unmeasurable("placeholder count differs from the media count")  # the processor refuses it
     expanded = processor.get_text_with_replacements([text], images, videos)[0][0]
-    ids = processor.tokenizer(expanded)["input_ids"]
-    types = processor.create_mm_token_type_ids([ids])[0]
-    return text, {"input_ids": torch.tensor(ids, dtype=torch.long), "mm_token_type_ids": torch.tensor(types)}
+    ids = _tokenize(processor, expanded)
+    types = torch.tensor(processor.create_mm_token_type_ids([ids.numpy()])[0], dtype=torch.long)
+    return text, {"input_ids": ids, "mm_token_type_ids": types}
+
+
+def _tokenize(processor, expanded: str) -> torch.Tensor:
+    """processor.tokenizer(expanded)'s ids, (L,) long. Each run of a media token (hundreds to thousands in a row)
+    is tokenized as one and repeated afterwards: media tokens are added tokens, split off before the BPE, so a run's
+    length does not change how the text around it tokenizes (tests compare with the processor's ids)."""
+    tokens = [t for t in (processor.image_token, processor.video_token) if t in expanded]
+    if not tokens:
+        return torch.tensor(processor.tokenizer(expanded)["input_ids"], dtype=torch.long)
+    run = re.compile("|".join(f"(?:{re.escape(t)})+" for t in tokens))
+    counts = []
+
+    def collapse(match):
+        token = next(t for t in tokens if match.group().startswith(t))
+        counts.append(len(match.group()) // len(token))
+        return token
+
+    ids = np.asarray(processor.tokenizer(run.sub(collapse, expanded))["input_ids"], dtype=np.int64)
+    media = np.isin(ids, [processor.tokenizer.convert_tokens_to_ids(t) for t in tokens])
+    assert int(media.sum()) == len(counts), "a media token did not tokenize on its own"
+    repeats = np.ones_like(ids)
+    repeats[media] = counts
+    return torch.from_numpy(np.repeat(ids, repeats))  # numpy: torch's small ops spin threads on a busy machine
 
 
 # ------------------------------------------------------------------------------------------ per dataset

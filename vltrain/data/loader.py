@@ -30,7 +30,8 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
                  seed: int = 0, collate_fn=None, sampler=None) -> DataLoader:
     """A DataLoader over `dataset`: packed rows when `data.packing` (per-example mRoPE ids need the model's
     `config`), else right-padded batches; `data.max_tokens_per_batch` fills micro-batches to a token budget
-    instead of `micro_batch_size` samples (every example's length is measured once, up front). A `sampler`
+    instead of `micro_batch_size` samples (every example's length is measured once, up front: estimated from the
+    text and the media headers, no pixel decoded, vltrain.data.lengths). A `sampler`
     (e.g. vltrain.data.labels.ClassBalancedSampler) orders the samples instead of `shuffle`."""
     from vltrain.faults import worker_init_fn
 
