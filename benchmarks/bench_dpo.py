@@ -412,7 +412,7 @@ def run_vltrain(mode: str, gc_on: bool, args, work: Path, records, device) -> di
     dpo_cfg = DPOSection(loss_type=["sigmoid"], loss_weights=None, beta=BETA, label_smoothing=0.0, simpo_gamma=0.5,
                          precompute_ref_log_probs=False)
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    built = build_model(model_cfg, trainable_cfg, lora_cfg, packing=True)
+    built = build_model(model_cfg, trainable_cfg, lora_cfg, packing=True, lora_reference=True)
     processor = built.processor
     media = MediaOptions.from_config(data_cfg, image_factor=built.spec.image_factor)
     dataset = PairDataset(data_cfg.train_path, processor, media, max_seq_length=data_cfg.max_seq_length,

@@ -85,7 +85,8 @@ def main(cfg: DPOConfig) -> dict:
     ensure_sft_export(accelerator, cfg.dpo.init_from_sft, cfg.model.name_or_path)
     start_run(accelerator, cfg, "dpo")
 
-    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device,
+                        lora_reference=needs_reference(cfg.dpo.loss_type))  # LoRA: the policy, adapters off
     print0("\n".join(built.report))
     reference = None
     if needs_reference(cfg.dpo.loss_type):  # reference-free losses (simpo, orpo, sft) load none

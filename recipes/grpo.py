@@ -38,7 +38,8 @@ def main(cfg: GRPOConfig) -> dict:
     start_run(accelerator, cfg, "grpo")
     print0("rewards: " + ", ".join(f"{r.name} (x{r.weight:g}, {r.source})" for r in rewards))
 
-    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing, device=accelerator.device,
+                        lora_reference=cfg.grpo.beta > 0)  # the KL term's LoRA reference: the policy, adapters off
     print0("\n".join(built.report))
     reference = None
     if cfg.grpo.beta > 0:  # beta 0 (the default) loads no reference

@@ -37,7 +37,7 @@ def run(backend: str, model_dir: str, data: str, out: str) -> None:
     cfg = sft_config(Path(out), "qwen2_5_vl", data, **{"model.name_or_path": model_dir, "optim.lr": 1e-2,
                                                        "train.micro_batch_size": 1})
     accelerator = build_accelerator(cfg.train)
-    built = build_model(cfg.model, cfg.trainable, cfg.lora)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, lora_reference=True)
     reference = build_reference(built.model, cfg.model)
     optimizer = build_optimizer(built.model, cfg.optim)
     fill_deepspeed_auto(accelerator, built.model, cfg.optim.max_grad_norm)

@@ -95,7 +95,7 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path, mixed_data, me
         "lora.enabled": True, "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.1,
         "trainable.freeze_llm": True, "trainable.freeze_vision_tower": True, "trainable.freeze_merger": False})
     torch.manual_seed(0)
-    built = build_model(cfg.model, cfg.trainable, cfg.lora)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, lora_reference=True)
     base = copy.deepcopy(built.model.base_model.model)  # LoRA B = 0: the base model's function
     accelerator = build_accelerator(cfg.train)
     reference = build_reference(built.model).prepare(accelerator, built.model)
@@ -146,3 +146,33 @@ def test_frozen_reference_is_placed_like_the_policy(backend, nproc, tmp_path, mi
         assert record["ref_partitioned"] == (backend in ("zero3", "fsdp2"))
         wrapper = {"zero3": "DeepSpeedEngine", "fsdp2": "FSDPQwen2_5_VLForConditionalGeneration"}
         assert record["ref_wrapper"] == wrapper.get(backend, "Qwen2_5_VLForConditionalGeneration")
+
+
+def test_lora_without_a_reference_drops_peft_frozen_copies_and_trains_the_same(tmp_path, mixed_data, media_dir):
+    """A fully trained vision tower beside LLM adapters: peft keeps a frozen copy of it, used only with the adapters
+    off (a LoRA reference). Without a reference (SFT, classification) the copy is dropped: the tower's size is freed,
+    training is unchanged, and switching the adapters off fails loudly instead of running trained weights."""
+    from vltrain.lora import DroppedCopy
+
+    cfg = sft_config(tmp_path, "qwen2_5_vl", mixed_data, **{
+        "lora.enabled": True, "lora.rank": 4, "lora.alpha": 8, "lora.dropout": 0.0, "trainable.freeze_llm": True})
+    torch.manual_seed(0)
+    kept = build_model(cfg.model, cfg.trainable, cfg.lora, lora_reference=True)
+    torch.manual_seed(0)
+    dropped = build_model(cfg.model, cfg.trainable, cfg.lora)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    vision = sum(p.numel() for p in kept.model.base_model.model.model.visual.original_module.parameters())
+    assert vision > 0 and count(kept.model) - count(dropped.model) == vision
+    assert isinstance(dropped.model.base_model.model.model.visual.original_module, DroppedCopy)
+    assert kept.trainable == dropped.trainable
+
+    batch = _batch(kept.processor, mixed_data, media_dir)
+    torch.testing.assert_close(_logits(dropped.model, batch), _logits(kept.model, batch))
+    _train_steps(kept.model, batch)
+    _train_steps(dropped.model, batch)
+    torch.testing.assert_close(_logits(dropped.model, batch), _logits(kept.model, batch))
+    with pytest.raises(ValueError, match="lora_reference=True"):
+        build_reference(dropped.model)
+    with dropped.model.disable_adapter(), pytest.raises((RuntimeError, AttributeError),
+                                                        match="frozen copy of .*visual.* was dropped"):
+        _logits(dropped.model, batch)

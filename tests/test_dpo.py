@@ -163,7 +163,7 @@ def test_lora_reference_equals_a_separately_loaded_frozen_copy(tmp_path, pair_da
     cfg = dpo_config(tmp_path, pair_data, "qwen2_5_vl", **{
         "lora.enabled": "true", "lora.rank": 8, "lora.alpha": 16, "lora.dropout": 0.0, "trainable.freeze_llm": "true",
         "trainable.freeze_vision_tower": "true", "optim.lr": 1e-2, "train.max_steps": 3})
-    built = build_model(cfg.model, cfg.trainable, cfg.lora)
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, lora_reference=True)
     reference = build_reference(built.model, cfg.model)
     assert reference.adapters_off
     ds = _dataset("qwen2_5_vl", built.processor, pair_data)

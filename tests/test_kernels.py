@@ -499,7 +499,7 @@ def test_unknown_or_inapplicable_kernel_raises():
     assert not hasattr(patched, "_vltrain_kernels")
     assert apply_kernels(patched, ["vision_window_varlen"], strict=False) == []
     assert [e.split(":")[0] for e in apply_kernels(patched, ["all"])] == [
-        "fused_linear_ce", "fused_linear_ce", "patch_embed_linear", "rms_norm", "swiglu"]
+        "fused_linear_ce", "fused_linear_ce", "vision_varlen", "patch_embed_linear", "rms_norm", "swiglu"]
     _, moe, _ = _fresh("qwen3_vl_moe")  # every LLM layer is MoE, vision MLPs are GELU: no SwiGLU MLP
     assert "swiglu" not in applicable_kernels(moe)
     with pytest.raises(ValueError, match="does not apply"):

@@ -55,10 +55,12 @@ def _load_and_patch(model_cfg, lora_cfg, *, packing: bool, device=None):
 
 
 def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, device=None,
-                allow_frozen: bool = False) -> BuiltModel:
+                allow_frozen: bool = False, lora_reference: bool = False) -> BuiltModel:
     """Load and prepare the model to train (see the module docstring for the order); `device` places a
     quantized (QLoRA) base, everything else is moved by `accelerator.prepare`. `allow_frozen`: a fully
-    frozen model is allowed (a classifier's head trains on top of it)."""
+    frozen model is allowed (a classifier's head trains on top of it). `lora_reference`: the run will use
+    the policy with its adapters off as a reference (DPO, GRPO with a KL term), so peft's frozen copies of
+    the fully trained modules are kept; otherwise they are dropped (vltrain.lora: their size in memory)."""
     from vltrain.lora import apply_lora
     from vltrain.models import enable_gradient_checkpointing
     from vltrain.trainable import configure_trainable, trainable_counts
@@ -67,7 +69,7 @@ def build_model(model_cfg, trainable_cfg, lora_cfg, *, packing: bool = False, de
     spec = family_spec(model)
     if lora_cfg.enabled:
         configure_trainable(model, trainable_cfg, adapters_follow=True)  # what trains fully; adapters go on the rest
-        model = apply_lora(model, lora_cfg, base_name=model_cfg.name_or_path)
+        model = apply_lora(model, lora_cfg, base_name=model_cfg.name_or_path, keep_frozen_copies=lora_reference)
         counts = trainable_counts(model)
         report.append(f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha}"
                       + (" (DoRA)" if lora_cfg.use_dora else "") + (f", {lora_cfg.bits}-bit base" if lora_cfg.bits != 16 else ""))
@@ -135,6 +137,11 @@ def build_reference(policy, model_cfg=None, *, packing: bool = False) -> Referen
     `from_pretrained` under ZeRO-3), a copy would copy empty shards, so the model is loaded again from
     `model_cfg` with the same packing and kernels -- the same weights as the untrained policy."""
     if hasattr(policy, "peft_config"):
+        from vltrain.lora import DroppedCopy
+
+        if any(isinstance(m, DroppedCopy) for m in policy.modules()):
+            raise ValueError("this LoRA policy was built without peft's frozen copies of its fully trained modules: "
+                             "build it with build_model(..., lora_reference=True) to use it as its own reference")
         return Reference(policy, adapters_off=True)
     if any(hasattr(p, "ds_id") for p in policy.parameters()):
         if model_cfg is None:

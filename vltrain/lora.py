@@ -12,7 +12,12 @@ names containing any of its substrings, `lora.num_lora_modules=N` keeps the last
 
 Modules the user trains fully (`trainable.*`: an unfrozen vision tower, merger, top-k layers) get no
 adapters; they become peft `modules_to_save`, so the adapter folder (and a merge) carries their
-weights. peft keeps a frozen copy of each such module, which costs its size once more in memory.
+weights. peft keeps a frozen copy of each such module (`original_module`), which costs its size once more in
+memory (a whole vision tower beside LLM adapters: 0.67 B parameters for Qwen2.5-VL-7B). The copy is used only
+when the adapters are switched off -- which DPO's and GRPO's LoRA reference does (the policy with adapters
+off must be the starting model, tower included). `apply_lora(..., keep_frozen_copies=False)` (SFT and
+classification, and DPO / GRPO runs without a reference) replaces each copy with a stub that raises if it is
+ever called, so a run that needs the copy fails loudly instead of computing with trained weights.
 
 `merge_adapter(adapter_dir, ...)` loads a base model, loads the adapter with strict key checks and
 returns the merged model; `recipes/merge_lora.py` and the LoRA export both use it.
@@ -93,9 +98,44 @@ def lora_target_parameters(model, lora_cfg) -> list[str]:
     ]
 
 
-def apply_lora(model, lora_cfg, base_name: str | None = None):
+class DroppedCopy(torch.nn.Module):
+    """Stands in for peft's frozen copy of a fully trained module (see the module docstring)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def _message(self) -> str:
+        return (f"the frozen copy of {self.name} was dropped (vltrain.lora: keep_frozen_copies=False) but the "
+                "adapters were switched off: this run needs it (a LoRA reference model)")
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(self._message())
+
+    def __getattr__(self, name: str):  # peft reads attributes (dtype, ...) of the copy when adapters are off
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AttributeError(f"{name!r}: {self._message()}") from None
+
+
+def drop_frozen_copies(model) -> dict[str, int]:
+    """Replace the frozen `original_module` of every peft modules_to_save wrapper with a `DroppedCopy`;
+    returns {module name: parameters freed}."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    freed = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and not isinstance(module.original_module, DroppedCopy):
+            freed[name] = sum(p.numel() for p in module.original_module.parameters())
+            module.original_module = DroppedCopy(name)
+    return freed
+
+
+def apply_lora(model, lora_cfg, base_name: str | None = None, *, keep_frozen_copies: bool = True):
     """Wrap `model` (after `configure_trainable`) in a peft model: adapters on the targets, every
-    fully-trainable module kept trainable as `modules_to_save`. Returns the PeftModel."""
+    fully-trainable module kept trainable as `modules_to_save` (with peft's frozen copy of it unless
+    `keep_frozen_copies` is False: see the module docstring). Returns the PeftModel."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = lora_target_modules(model, lora_cfg)
@@ -121,6 +161,10 @@ def apply_lora(model, lora_cfg, base_name: str | None = None):
         model.peft_config["default"].base_model_name_or_path = base_name
     log.info("LoRA: %d target modules, %d target parameters, %d fully trained modules (%s)",
              len(targets), len(target_params), len(keep), ", ".join(keep) or "none")
+    if not keep_frozen_copies and keep:
+        freed = drop_frozen_copies(model)
+        log.info("LoRA: dropped peft's frozen copies of the fully trained modules (%s parameters; the adapters "
+                 "cannot be switched off in this run)", f"{sum(freed.values()):,}")
     return model
 
 
