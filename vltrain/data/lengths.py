@@ -103,9 +103,9 @@ def _header_size(path: str) -> tuple[int, int]:
 def image_size(ref: str, opts: MediaOptions) -> tuple[int, int]:
     """(height, width) the data layer resizes image `ref` (a local path) to: media.load_image's rule."""
     factor = opts.image_factor
+    height, width = _header_size(_local_path(ref))  # also with a fixed size: a file the loader cannot open is skipped
     if opts.image_resized_width is not None and opts.image_resized_height is not None:
         return _fit(ref, opts.image_resized_height, opts.image_resized_width, factor)
-    height, width = _header_size(_local_path(ref))
     bounds = _pixel_bounds(opts.image_min_pixels, opts.image_max_pixels, qvu.IMAGE_MIN_TOKEN_NUM * factor**2)
     return _fit(ref, height, width, factor, **bounds)
 
