@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sft.py --preset qwen2_5_vl_3b --runs hf:full:gc0,vltrain:full:gc0 --out results.json
     python benchmarks/bench_sft.py --preset tiny_qwen2_5_vl --steps 2 --warmup 1      # CPU smoke test
+    python benchmarks/bench_sft.py --preset tiny_qwen2_5_vl --runs vltrain:full:gc0,loop:full:gc0 --steps 2 --warmup 1
 
 Architectures are built from preset configs (the published config.json values, random init, bf16):
 weights do not change speed. Every run trains on the same synthetic samples (seeded): text of 50-2000
@@ -14,11 +15,18 @@ Paths:
 - vltrain:  micro-batches filled to `--token_budget` tokens and packed into one row (PackCollator,
             packed varlen attention), kernels "all" (fused linear CE, one-call vision window
             attention, Conv3d as Linear), same optimizer.
+- loop:     what a user's run gets: the preset saved with `save_pretrained` and loaded by
+            vltrain.build.build_model (model.kernels [all], packing), the data a LLaVA JSON with real image
+            and video files read by SFTDataset through build_loader (packing, token budget `@T`,
+            `--num_workers` workers), the Accelerator of vltrain.distributed with the mixed precision of
+            accelerate_configs/single_gpu.yaml (bf16 on a GPU; float32 on CPU, like the other paths there),
+            and loops.sft.train itself. Timed from the loop's own per-step `tokens_per_s` in
+            <output_dir>/metrics.jsonl (train.log_every=1). See `run_loop` for how the data matches.
 Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.05 on the LLM
 linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
 N-th layer); suffixes: `c` = + kernels compile_layers (`cx`: compiled, with liger's RMSNorm/SwiGLU
-left out), `@T` = this run's token budget (vltrain) or micro-batch size (hf), e.g.
-`vltrain:full:gc1c@32768`, `hf:full:gc0@1`.
+left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or micro-batch size (hf), e.g.
+`vltrain:full:gc1c@32768`, `hf:full:gc0@1`, `loop:full:gc1@16384`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
 (median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM".
@@ -38,6 +46,7 @@ import math
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -327,13 +336,246 @@ def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
     print("\n".join(lines[:20]))
 
 
+# ----------------------------------------------------------------------------------- the loop path
+WORDS = ("red green blue yellow purple orange white black circle square triangle cross star the quick brown fox "
+         "jumps over lazy dog what colour shape image video describe answer yes no maybe camera bus road man "
+         "walking is in this").split()
+IMAGE_SIZES = [(448, 448), (224, 336), (672, 448), (896, 672), (336, 336)]  # (h, w), as synthetic_examples
+
+
+def write_video_file(path: Path, num_frames: int, size: int, fps: int, seed: int) -> Path:
+    """An mpeg4 file of `num_frames` noise frames of `size` x `size` (PyAV)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        for _ in range(num_frames):
+            frame = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int) -> Path:
+    """A LLaVA JSON of `num_samples` conversations with the statistics of `synthetic_examples` -- text of
+    50-2000 tokens of which the last fifth is the supervised reply, one or two noise images (PNG and JPEG)
+    of the same sizes, every fifth sample text-only, sample 3 an 8-frame 336x336 mp4. Returns the JSON's
+    path; the media files lie beside it."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pixels = np.random.default_rng(seed)
+    probe = [rng.choice(WORDS) for _ in range(2000)]
+    tokens_per_word = len(tokenizer(" ".join(probe))["input_ids"]) / len(probe)
+
+    def text(num_tokens: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(max(1, round(num_tokens / tokens_per_word))))
+
+    records = []
+    for i in range(num_samples):
+        n_text = rng.randint(50, 2000)
+        media = ["video"] if i == 3 else [] if i % 5 == 4 else ["image"] * (2 if i % 4 == 1 else 1)
+        prompt_len = max(10, int(n_text * 0.8))
+        record = {"id": f"s{i}"}
+        for k, kind in enumerate(media):
+            if kind == "video":
+                write_video_file(folder / f"s{i}.mp4", num_frames=8, size=336, fps=4, seed=seed + i)
+                record["video"] = f"s{i}.mp4"
+            else:
+                h, w = IMAGE_SIZES[rng.randrange(len(IMAGE_SIZES))]
+                name = f"s{i}_{k}.{'png' if (i + k) % 2 == 0 else 'jpg'}"
+                Image.fromarray(pixels.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+                record.setdefault("image", []).append(name)
+        placeholders = "".join(f"<{kind}>\n" for kind in media)
+        record["conversations"] = [{"from": "human", "value": placeholders + text(prompt_len)},
+                                   {"from": "gpt", "value": text(n_text - prompt_len)}]
+        records.append(record)
+    path = folder / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def save_preset_model(preset: str, folder: Path, device, dtype) -> None:
+    """The preset architecture (random init) and the tiny offline processor, saved together into `folder`.
+
+    The tiny processor's tokenizer has 512 tokens; the saved config's media and special token ids are set to
+    its ids so that the data path and the model agree. Speed is unchanged: the embedding table and the LM head
+    keep the preset's vocabulary size (the head still computes every one of its logits), and a token id only
+    picks the row that is read."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vltrain.tiny import SPECIAL_TOKENS, build_tiny_processor, tiny_config
+
+    model_type = preset[5:] if preset.startswith("tiny_") else PRESETS[preset]["model_type"]
+    processor = build_tiny_processor(model_type)
+    tokenizer = processor.tokenizer
+    if preset.startswith("tiny_"):
+        config = tiny_config(model_type, tokenizer)
+    else:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        p = copy.deepcopy(PRESETS[preset])
+        config = AutoConfig.for_model(p.pop("model_type"), image_token_id=ids["<|image_pad|>"],
+                                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                      vision_end_token_id=ids["<|vision_end|>"], **p)
+        config.text_config.pad_token_id, config.text_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+
+
+def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: int, compile_layers: str,
+                budget: int, model_type: str, device):
+    """The SFTConfig of a loop run (a user's config: packing, token budget, kernels [all], default optimizer
+    apart from a constant lr without warm-up). train.gradient_accumulation_steps is set by `run_loop`."""
+    from vltrain.config import DataConfig, SFTConfig, from_dict
+    from vltrain.kernels import applicable_kernels
+
+    if compile_layers == "cx":  # as prepare_model: compiled, without liger's RMSNorm / SwiGLU
+        kernels = [k for k in ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear")
+                   if k in applicable_kernels(model_type)]
+    else:
+        kernels = ["all"]
+    lora = mode == "lora"
+    return from_dict(SFTConfig, {
+        "model": {"name_or_path": str(workdir / "model"), "dtype": "bfloat16" if device.type == "cuda" else "float32",
+                  "attn_implementation": "sdpa", "gradient_checkpointing": gc_every > 0,
+                  "checkpoint_every_n_layers": max(gc_every, 1),
+                  "kernels": kernels + (["compile_layers"] if compile_layers else [])},
+        "data": {"train_path": str(data_path), "image_folder": str(data_path.parent), "packing": True,
+                 "max_tokens_per_batch": budget, "max_seq_length": min(budget, DataConfig.max_seq_length),
+                 "num_workers": args.num_workers, "nframes": 8},
+        # LoRA as prepare_model's: r64 / alpha 128 / dropout 0.05 on the LLM, everything else frozen
+        "trainable": {"freeze_llm": lora, "freeze_vision_tower": lora, "freeze_merger": lora},
+        "lora": {"enabled": lora},
+        "optim": {"lr": 1e-5, "warmup_steps": 0, "scheduler": "constant"},
+        "train": {"output_dir": str(workdir / "out"), "report_to": "none", "max_steps": args.warmup + args.steps,
+                  "log_every": 1, "seed": 0},
+    })
+
+
+def mixed_precision_of(accelerate_config: str) -> str:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / accelerate_config).read_text())["mixed_precision"]
+
+
+def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers: str, budget: int,
+             workdir: Path) -> dict:
+    """One run of loops.sft.train built as recipes/sft.py builds it; the result fields of the other paths.
+
+    As in the other paths one optimizer step trains every sample once: train.gradient_accumulation_steps is
+    the loader's micro-batch count (not shuffled, so every step holds the same micro-batches). Each step
+    is therefore an epoch of its own and starts by waiting for the loader's first micro-batch (workers
+    prefetch within an epoch only), a wait that a dataset of many steps per epoch has once per epoch:
+    `epoch_start_s` measures it (a fresh iterator's first micro-batch with the workers running) so that it
+    can be told apart from the loop's own cost. The step time is the step's tokens (each sample encoded once
+    here) over the loop's logged tokens_per_s; FLOPs are `model_flops` of those encoded samples."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import set_seed
+
+    from loops.sft import train
+    from vltrain.build import build_model
+    from vltrain.config import dump_config
+    from vltrain.data.dataset import SFTDataset
+    from vltrain.data.loader import build_loader
+    from vltrain.data.media import MediaOptions
+    from vltrain.distributed import build_accelerator
+    from vltrain.plots import METRICS_FILE, read_metrics
+    from vltrain.tiny import build_tiny_processor
+
+    model_type = args.preset[5:] if args.preset.startswith("tiny_") else PRESETS[args.preset]["model_type"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t_setup = time.perf_counter()
+    data_path = write_llava_data(workdir / "data", build_tiny_processor(model_type).tokenizer, args.num_samples,
+                                 seed=0)
+    save_preset_model(args.preset, workdir / "model", device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    cfg = loop_config(workdir, data_path, args, mode=mode, gc_every=gc_every, compile_layers=compile_layers,
+                      budget=budget, model_type=model_type, device=device)
+    set_seed(cfg.train.seed)
+    data = cfg.data
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing)
+    print("\n".join(built.report), flush=True)
+    media = MediaOptions.from_config(data, image_factor=built.spec.image_factor)
+    dataset = SFTDataset(str(data_path), built.processor, media, max_seq_length=data.max_seq_length,
+                         image_folder=data.image_folder)
+    loader = build_loader(dataset, data, built.processor, built.model.config, micro_batch_size=1, shuffle=False,
+                          seed=cfg.train.seed)
+    # The Accelerator comes after the loader: its accumulation steps are the loader's micro-batches (build_model
+    # needs the accelerator's device only for a quantized base).
+    cfg.train.gradient_accumulation_steps = len(loader)
+    dump_config(cfg, workdir / "config.yaml")  # the run's config, as a recipe writes it
+    examples = [dataset[i] for i in range(len(dataset))]
+    real = sum(len(e["input_ids"]) for e in examples)
+    base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
+    flops = model_flops(base, examples, lora=mode == "lora")
+    setup_s = time.perf_counter() - t_setup
+
+    saved_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    # what `accelerate launch --config_file accelerate_configs/single_gpu.yaml` sets (no autocast on CPU)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = (mixed_precision_of("accelerate_configs/single_gpu.yaml")
+                                                if device.type == "cuda" else "no")
+    try:
+        accelerator = build_accelerator(cfg.train)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_train = time.perf_counter()
+        result = train(accelerator, built.model, loader, cfg.train, cfg.optim, max_bad_fraction=data.max_bad_fraction)
+        train_s = time.perf_counter() - t_train
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        precision = accelerator.mixed_precision
+        accelerator.end_training()
+    finally:
+        if saved_precision is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = saved_precision
+        AcceleratorState._reset_state(True)  # process-wide singletons: a later loop run builds its own
+        GradientState._reset_state()
+        PartialState._reset_state()
+    losses = result.losses
+    del built, result
+    logged = {r["step"]: r for r in read_metrics(Path(cfg.train.output_dir) / METRICS_FILE) if "tokens_per_s" in r}
+    num_steps = args.warmup + args.steps
+    if sorted(logged) != list(range(1, num_steps + 1)):
+        raise RuntimeError(f"{cfg.train.output_dir}/{METRICS_FILE} has steps {sorted(logged)}, expected 1..{num_steps}")
+    times = [real / logged[step]["tokens_per_s"] for step in range(args.warmup + 1, num_steps + 1)]
+    step_s = sorted(times)[len(times) // 2]
+    batches = iter(loader)  # the workers start (not timed), then a new epoch's first micro-batch is timed
+    next(batches)
+    del batches
+    t0 = time.perf_counter()
+    next(iter(loader))
+    epoch_start_s = time.perf_counter() - t0
+    return dict(
+        ok=True, step_s=step_s, real_tokens=real, padded_tokens=real, micro_batches=len(loader),
+        tokens_per_s=real / step_s, tflops=flops / step_s / 1e12, mfu=flops / step_s / ceiling, peak_gib=peak,
+        losses=losses, step_times=times, memory_gib=[logged[s]["memory_gib"] for s in sorted(logged)],
+        epoch_start_s=epoch_start_s, mixed_precision=precision, kernels=cfg.model.kernels,
+        num_workers=data.num_workers, setup_s=setup_s, train_s=train_s,
+    )
+
+
 def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
     # gc0: off, gc1: every layer, gcN: every N-th layer; "c": + kernels compile_layers ("cx": compiled, with
     # only the non-elementwise kernels); "@T": this run's token budget (vltrain) or micro-batch size (hf)
     m = re.fullmatch(r"gc(\d+)(cx|c)?(?:@(\d+))?", gcs)
-    if not m or (m[2] and path != "vltrain"):
-        raise SystemExit(f"bad run spec {spec!r}: want path:mode:gcN[c|cx][@budget] (c/cx: vltrain only)")
+    if not m or path not in ("hf", "vltrain", "loop") or mode not in ("full", "lora") or (m[2] and path == "hf"):
+        raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][@budget] (c/cx: not hf)")
     gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[3]) if m[3] else None
     result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every,
               "compile_layers": compile_layers}
@@ -344,6 +586,12 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     torch.manual_seed(0)
     model = None
     try:
+        if path == "loop":
+            with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+                workdir = Path(args.workdir) / spec.replace(":", "_") if args.workdir else Path(tmp)
+                result.update(run_loop(args, device, ceiling, mode=mode, gc_every=gc_every,
+                                       compile_layers=compile_layers, budget=result["token_budget"], workdir=workdir))
+            return result
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
@@ -422,6 +670,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of one vltrain step here")
     ap.add_argument("--sync_report", default=None, help="write the device->host syncs of one vltrain step here (GPU)")
+    ap.add_argument("--num_workers", type=int, default=2, help="loop: data.num_workers (DataLoader worker processes)")
+    ap.add_argument("--workdir", default=None,
+                    help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
+                         "(default: a temporary folder, deleted)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceiling = matmul_ceiling(device)
