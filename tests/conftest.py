@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -120,3 +122,19 @@ def sft_config(tmp_path, model_type, train_path, **overrides):
     }
     base.update(overrides)
     return load_config(SFTConfig, None, [f"{k}={v}" for k, v in base.items()])
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tiny(model_type):
+    from vltrain.tiny import build_tiny
+
+    model, processor = build_tiny(model_type)
+    return model.eval(), processor
+
+
+def stock_and_copy(model_type, dtype=torch.float32, device="cpu"):
+    """(stock, to-be-patched) copies of a cached tiny model in eval mode, and its processor: kernel parity tests
+    patch the second and compare it with the first."""
+    model, processor = _cached_tiny(model_type)
+    stock = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return stock, copy.deepcopy(stock), processor

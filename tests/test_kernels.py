@@ -13,7 +13,6 @@ interpreter, in a subprocess (`TRITON_INTERPRET=1` must be set before Triton is 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import subprocess
@@ -35,23 +34,15 @@ from vltrain.kernels.swiglu import swiglu_mlps
 from vltrain.kernels.vision_varlen import masked_varlen_attention
 from vltrain.tiny import build_tiny
 
+from conftest import stock_and_copy
+
 FAMILY_NAMES = sorted(FAMILIES)
 ATOL = 1e-5
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny(model_type):
-    model, processor = build_tiny(model_type)
-    return model.eval(), processor
-
-
-def _fresh(model_type, dtype=torch.float32, device="cpu"):
-    """(stock, patched-to-be) copies of the cached tiny model, and its processor."""
-    model, processor = _tiny(model_type)
-    stock = copy.deepcopy(model).to(device=device, dtype=dtype)
-    return stock, copy.deepcopy(stock), processor
+_fresh = stock_and_copy
 
 
 def _image(height, width, seed):

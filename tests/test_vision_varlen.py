@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib.util
 import time
 
@@ -25,9 +24,8 @@ from vltrain.families import FAMILIES, family_spec
 from vltrain.kernels import applicable_kernels, apply_kernels
 from vltrain.kernels import vision_varlen
 from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen, verify_vision_attention_math
-from vltrain.tiny import build_tiny
 
-from conftest import REPO
+from conftest import REPO, stock_and_copy
 
 FAMILY_NAMES = sorted(FAMILIES)
 ATOL = 1e-5
@@ -36,17 +34,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny(model_type):
-    model, processor = build_tiny(model_type)
-    return model.eval(), processor
-
-
-def _fresh(model_type, dtype=torch.float32, device="cpu"):
-    """(stock, to-be-patched) copies of the cached tiny model, and its processor."""
-    model, processor = _tiny(model_type)
-    stock = copy.deepcopy(model).to(device=device, dtype=dtype)
-    return stock, copy.deepcopy(stock), processor
+_fresh = stock_and_copy
 
 
 def vision_inputs(processor):
@@ -93,7 +81,7 @@ def sft_batch(model_type, media_dir, mixed_data):
     from vltrain.data.media import MediaOptions
     from vltrain.progress import model_inputs
 
-    _, processor = _tiny(model_type)
+    _, _, processor = stock_and_copy(model_type)
     media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
                          video_max_pixels=64 * 64, nframes=4)
     dataset = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
