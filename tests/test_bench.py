@@ -25,3 +25,57 @@ def test_bench_sft_paths_agree_on_a_tiny_preset(tmp_path):
     small = runs[2]  # checkpointing, a smaller per-run token budget: more micro-batches, same loss
     assert small["ok"] and small["token_budget"] == 512 and small["micro_batches"] > vltrain["micro_batches"]
     assert small["losses"][0] == pytest.approx(vltrain["losses"][0], rel=1e-4)
+
+
+LOOP_FIELDS = ("ok", "step_s", "real_tokens", "padded_tokens", "micro_batches", "tokens_per_s", "tflops", "mfu",
+               "peak_gib", "losses", "token_budget")
+
+
+def test_bench_loop_path_is_loops_sft_train_on_its_written_data(tmp_path, one_thread):
+    """`loop:full:gc0` on a tiny preset: the result has the other paths' fields, its step time is the loop's own
+    logged tokens_per_s, and the same config, saved model and data run through loops.sft.train directly give the
+    same step-1 loss (one thread each: on the shared 2-core box two threads run slower)."""
+    import os
+
+    from vltrain.build import build_model
+    from vltrain.config import SFTConfig, load_config
+    from vltrain.data.dataset import SFTDataset
+    from vltrain.data.formats import read_records
+    from vltrain.data.loader import build_loader
+    from vltrain.data.media import MediaOptions
+    from vltrain.distributed import build_accelerator
+    from vltrain.plots import read_metrics
+    from loops.sft import train
+
+    work, out = tmp_path / "work", tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmarks/bench_sft.py", "--preset", "tiny_qwen2_5_vl", "--runs", "loop:full:gc0",
+           "--steps", "1", "--warmup", "0", "--num_samples", "4", "--num_workers", "0", "--workdir", str(work),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loop, = json.loads(out.read_text())
+    assert loop["ok"], loop.get("detail")
+    assert all(key in loop for key in LOOP_FIELDS), sorted(loop)
+    assert loop["path"] == "loop" and loop["token_budget"] == 16384 and loop["tokens_per_s"] > 0
+    assert loop["padded_tokens"] == loop["real_tokens"] and len(loop["losses"]) == 1
+
+    run_dir = work / "loop_full_gc0"
+    records = read_records(run_dir / "data" / "train.json")  # the data it wrote: images, a video, text only
+    assert len(records) == 4 and "video" in records[3] and (run_dir / "data" / records[3]["video"]).stat().st_size
+    assert sum("image" in r for r in records) == 3
+    metrics = read_metrics(run_dir / "out" / "metrics.jsonl")  # written by loops.sft.train, one line per step
+    assert [m["step"] for m in metrics] == [1]
+    assert loop["step_s"] == pytest.approx(loop["real_tokens"] / metrics[0]["tokens_per_s"], rel=1e-9)
+
+    cfg = load_config(SFTConfig, run_dir / "config.yaml", [f"train.output_dir={tmp_path / 'direct'}"])
+    assert cfg.data.packing and cfg.data.max_tokens_per_batch == 16384 and cfg.model.kernels == ["all"]
+    built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=True)
+    media = MediaOptions.from_config(cfg.data, image_factor=built.spec.image_factor)
+    dataset = SFTDataset(cfg.data.train_path, built.processor, media, max_seq_length=cfg.data.max_seq_length,
+                         image_folder=cfg.data.image_folder)
+    assert sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) == loop["real_tokens"]
+    loader = build_loader(dataset, cfg.data, built.processor, built.model.config, micro_batch_size=1, shuffle=False)
+    assert len(loader) == loop["micro_batches"] == cfg.train.gradient_accumulation_steps
+    result = train(build_accelerator(cfg.train), built.model, loader, cfg.train, cfg.optim)
+    assert result.losses == pytest.approx(loop["losses"], rel=1e-5)
