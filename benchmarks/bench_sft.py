@@ -364,19 +364,20 @@ def write_video_file(path: Path, num_frames: int, size: int, fps: int, seed: int
 def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int) -> Path:
     """A LLaVA JSON of `num_samples` conversations with the statistics of `synthetic_examples` -- text of
     50-2000 tokens of which the last fifth is the supervised reply, one or two noise images (PNG and JPEG)
-    of the same sizes, every fifth sample text-only, sample 3 an 8-frame 336x336 mp4. Returns the JSON's
-    path; the media files lie beside it."""
+    of the same sizes, every fifth sample text-only, sample 3 an 8-frame 336x336 mp4. The same seed draws
+    the same text lengths and image sizes as `synthetic_examples` (words come from a generator of their own),
+    so the paths train on samples of the same shapes. Returns the JSON's path; the media files lie beside it."""
     import numpy as np
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    rng, words = random.Random(seed), random.Random(seed + 1)  # rng: the draws of synthetic_examples, in its order
     pixels = np.random.default_rng(seed)
-    probe = [rng.choice(WORDS) for _ in range(2000)]
+    probe = [words.choice(WORDS) for _ in range(2000)]
     tokens_per_word = len(tokenizer(" ".join(probe))["input_ids"]) / len(probe)
 
     def text(num_tokens: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(max(1, round(num_tokens / tokens_per_word))))
+        return " ".join(words.choice(WORDS) for _ in range(max(1, round(num_tokens / tokens_per_word))))
 
     records = []
     for i in range(num_samples):
@@ -402,32 +403,39 @@ def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int) -> Pa
     return path
 
 
+def preset_config(preset: str, tokenizer):
+    """The preset's config (or a tiny one for `tiny_<model_type>`) with `tokenizer`'s media and special token ids.
+
+    The loop path's tokenizer is the tiny offline one (512 tokens). Speed is unchanged by that: the embedding
+    table and the LM head keep the preset's vocabulary size (the head still computes every one of its logits),
+    and a token id only picks the embedding row that is read."""
+    from transformers import AutoConfig
+
+    from vltrain.tiny import SPECIAL_TOKENS, tiny_config
+
+    if preset.startswith("tiny_"):
+        return tiny_config(preset[5:], tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    p = copy.deepcopy(PRESETS[preset])
+    config = AutoConfig.for_model(p.pop("model_type"), image_token_id=ids["<|image_pad|>"],
+                                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"], **p)
+    config.text_config.pad_token_id, config.text_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return config
+
+
 def save_preset_model(preset: str, folder: Path, device, dtype) -> None:
-    """The preset architecture (random init) and the tiny offline processor, saved together into `folder`.
+    """The preset architecture (random init, seeded) and the tiny offline processor (vltrain.tiny), saved together
+    into `folder` as a user's checkpoint folder is: what build_model loads (see `preset_config` for the ids)."""
+    from transformers import AutoModelForImageTextToText
 
-    The tiny processor's tokenizer has 512 tokens; the saved config's media and special token ids are set to
-    its ids so that the data path and the model agree. Speed is unchanged: the embedding table and the LM head
-    keep the preset's vocabulary size (the head still computes every one of its logits), and a token id only
-    picks the row that is read."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vltrain.tiny import SPECIAL_TOKENS, build_tiny_processor, tiny_config
+    from vltrain.tiny import build_tiny_processor
 
     model_type = preset[5:] if preset.startswith("tiny_") else PRESETS[preset]["model_type"]
     processor = build_tiny_processor(model_type)
-    tokenizer = processor.tokenizer
-    if preset.startswith("tiny_"):
-        config = tiny_config(model_type, tokenizer)
-    else:
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        p = copy.deepcopy(PRESETS[preset])
-        config = AutoConfig.for_model(p.pop("model_type"), image_token_id=ids["<|image_pad|>"],
-                                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                                      vision_end_token_id=ids["<|vision_end|>"], **p)
-        config.text_config.pad_token_id, config.text_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(preset_config(preset, processor.tokenizer), dtype=dtype)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     del model
@@ -687,7 +695,9 @@ def main():
         if r.get("ok"):
             print(f"{args.preset:<14} {spec:<22} {r['tokens_per_s']:>9.0f} tok/s  MFU {r['mfu']:6.1%}  "
                   f"peak {r['peak_gib']:5.1f} GiB  step {r['step_s']:.2f}s  mb {r['micro_batches']}  "
-                  f"pad {r['padded_tokens'] / r['real_tokens'] - 1:5.1%}  loss {r['losses'][0]:.3f}", flush=True)
+                  f"pad {r['padded_tokens'] / r['real_tokens'] - 1:5.1%}  loss {r['losses'][0]:.3f}"
+                  + (f"  setup {r['setup_s']:.0f}s  epoch start {r['epoch_start_s']:.2f}s" if r["path"] == "loop" else ""),
+                  flush=True)
         else:
             print(f"{args.preset:<14} {spec:<22} {r['error']} (peak {r['peak_gib']:.1f} GiB)", flush=True)
         if args.out:

@@ -79,3 +79,19 @@ def test_bench_loop_path_is_loops_sft_train_on_its_written_data(tmp_path, one_th
     assert len(loader) == loop["micro_batches"] == cfg.train.gradient_accumulation_steps
     result = train(build_accelerator(cfg.train), built.model, loader, cfg.train, cfg.optim)
     assert result.losses == pytest.approx(loop["losses"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_bench_loop_path_on_a_gpu_uses_bf16_autocast_and_reports_memory_and_mfu(tmp_path):
+    """On a GPU the loop path runs under single_gpu.yaml's bf16 mixed precision with bf16 weights, and reports peak
+    memory and an MFU against the measured matmul ceiling, beside the vltrain path in the same process."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmarks/bench_sft.py", "--preset", "tiny_qwen2_5_vl",
+           "--runs", "vltrain:full:gc1,loop:full:gc1", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vltrain, loop = json.loads(out.read_text())
+    assert vltrain["ok"] and loop["ok"], loop.get("detail")
+    assert loop["mixed_precision"] == "bf16" and loop["kernels"] == ["all"]
+    assert loop["peak_gib"] > 0 and 0 < loop["mfu"] < 1 and loop["tokens_per_s"] > 0
+    assert len(loop["step_times"]) == 2 and len(loop["losses"]) == 3
