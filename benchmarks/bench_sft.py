@@ -584,6 +584,8 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     m = re.fullmatch(r"gc(\d+)(cx|c)?(?:@(\d+))?", gcs)
     if not m or path not in ("hf", "vltrain", "loop") or mode not in ("full", "lora") or (m[2] and path == "hf"):
         raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][@budget] (c/cx: not hf)")
+    if path == "loop" and args.long_tokens:
+        raise SystemExit(f"{spec}: --long_tokens is not implemented for the loop path (its data is write_llava_data's)")
     gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[3]) if m[3] else None
     result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every,
               "compile_layers": compile_layers}
