@@ -272,7 +272,7 @@ def prepare_model(model, path, mode, gc_every, compile_layers=""):
 
         enable_packed_attention(model)
         # "cx": compile without liger's RMSNorm / SwiGLU (inductor fuses those itself)
-        kernels = ["fused_linear_ce", "vision_window_varlen", "patch_embed_linear"] if compile_layers == "cx" else ["all"]
+        kernels = ["fused_linear_ce", "vision_varlen", "patch_embed_linear"] if compile_layers == "cx" else ["all"]
         apply_kernels(model, kernels + (["compile_layers"] if compile_layers else []), strict=False)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -449,7 +449,7 @@ def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: in
     from vltrain.kernels import applicable_kernels
 
     if compile_layers == "cx":  # as prepare_model: compiled, without liger's RMSNorm / SwiGLU
-        kernels = [k for k in ("fused_linear_ce", "vision_window_varlen", "patch_embed_linear")
+        kernels = [k for k in ("fused_linear_ce", "vision_varlen", "patch_embed_linear")
                    if k in applicable_kernels(model_type)]
     else:
         kernels = ["all"]
