@@ -13,7 +13,7 @@ names containing any of its substrings, `lora.num_lora_modules=N` keeps the last
 Modules the user trains fully (`trainable.*`: an unfrozen vision tower, merger, top-k layers) get no
 adapters; they become peft `modules_to_save`, so the adapter folder (and a merge) carries their
 weights. peft keeps a frozen copy of each such module (`original_module`), which costs its size once more in
-memory (a whole vision tower beside LLM adapters: 0.67 B parameters for Qwen2.5-VL-7B). The copy is used only
+memory (a whole vision tower beside LLM adapters: 0.68 B parameters for Qwen2.5-VL-7B). The copy is used only
 when the adapters are switched off -- which DPO's and GRPO's LoRA reference does (the policy with adapters
 off must be the starting model, tower included). `apply_lora(..., keep_frozen_copies=False)` (SFT and
 classification, and DPO / GRPO runs without a reference) replaces each copy with a stub that raises if it is
