@@ -351,3 +351,15 @@ def test_chat_page_in_a_browser_replies_as_generate_does(tmp_path):
     finally:
         server.kill()
         server.wait(timeout=30)
+
+
+def test_without_gradio_serve_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from vltrain.serve import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: `import gradio` raises ImportError
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "does/not/matter"])
+    assert str(info.value.code) == ("error: vltrain serve needs gradio: pip install 'vltrain[ui]' "
+                                    "(or pip install 'gradio>=6,<7')")

@@ -216,6 +216,11 @@ def serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home (and no wait on a dead network)
     from vltrain.inference import load_trained
 
+    try:
+        import gradio  # noqa: F401 -- an optional dependency: say so before the model loads
+    except ImportError:
+        raise ValueError("vltrain serve needs gradio: pip install 'vltrain[ui]' (or pip install 'gradio>=6,<7')") from None
+
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     try:
