@@ -70,7 +70,7 @@ def main(cfg: CLSConfig) -> dict:
     datasets = {split: ClassificationDataset(convs, built.processor, media, spec=spec, max_seq_length=data.max_seq_length,
                                              default_prompt=cfg.cls.prompt, image_folder=data.image_folder,
                                              system_prompt=data.system_prompt, thinking=data.thinking,
-                                             source=data.train_path if split == "train" else data.eval_path)
+                                             source=None if split == "train" else data.eval_path)
                 for split, convs in records.items()}
     class_weights = None
     if cfg.cls.loss_type.startswith("class_balanced"):

@@ -36,17 +36,19 @@ def setup(argv: list[str]) -> DPOConfig:
     return parse_config(DPOConfig, argv, default="dpo_demo")
 
 
-def reference_cache(cfg: DPOConfig, data_path: str, split: str) -> Path:
+def reference_cache(cfg: DPOConfig, data_path: str | list[str], split: str) -> Path:
     """Where `dpo.precompute_ref_log_probs` keeps one split's table: the file name hashes everything the
-    reference log-probs depend on (the data file's bytes, the model, media, template and length options)."""
+    reference log-probs depend on (the data files' bytes, the model, media, template and length options)."""
     data = cfg.data
-    key = {"data_sha256": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    data_sha256 = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
+    key = {"data_sha256": data_sha256[0] if isinstance(data_path, str) else data_sha256,
            "model": dataclasses.asdict(cfg.model), "media": {f.name: getattr(data, f.name) for f in dataclasses.fields(MediaConfig)},
            "image_folder": data.image_folder, "system_prompt": data.system_prompt, "thinking": data.thinking,
            "max_seq_length": data.max_seq_length, "packing": data.packing}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cfg.dpo.ref_cache_dir or Path(cfg.train.output_dir) / "ref_logps")
-    return folder / f"{split}-{Path(data_path).stem}-{digest}.json"
+    return folder / f"{split}-{'+'.join(Path(path).stem for path in paths)}-{digest}.json"
 
 
 def generation_check(accelerator, model, processor, pairs, media, data, *, label: str, path: Path) -> dict:
@@ -98,7 +100,7 @@ def main(cfg: DPOConfig) -> dict:
         split: build_loader(
             PairDataset(pairs, built.processor, media, max_seq_length=data.max_seq_length, image_folder=data.image_folder,
                         system_prompt=data.system_prompt, thinking=data.thinking,
-                        source=data.train_path if split == "train" else data.eval_path),
+                        source=None if split == "train" else data.eval_path),
             data, built.processor, built.model.config, micro_batch_size=cfg.train.micro_batch_size,
             shuffle=split == "train", seed=cfg.train.seed, collate_fn=collate)
         for split, pairs in records.items()

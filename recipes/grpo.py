@@ -48,7 +48,7 @@ def main(cfg: GRPOConfig) -> dict:
     max_prompt = cfg.grpo.max_prompt_length or data.max_seq_length
     datasets = {split: PromptDataset(convs, built.processor, media, max_prompt_length=max_prompt,
                                      image_folder=data.image_folder, system_prompt=data.system_prompt,
-                                     thinking=data.thinking, source=data.train_path if split == "train" else data.eval_path)
+                                     thinking=data.thinking, source=None if split == "train" else data.eval_path)
                 for split, convs in records.items()}
     loader = build_loader(datasets["train"], data, built.processor, built.model.config,
                           micro_batch_size=cfg.train.micro_batch_size, shuffle=True, seed=cfg.train.seed,

@@ -64,7 +64,7 @@ def main(cfg: SFTConfig) -> dict:
         split: build_loader(
             SFTDataset(convs, built.processor, media, max_seq_length=data.max_seq_length, image_folder=data.image_folder,
                        system_prompt=data.system_prompt, thinking=data.thinking,
-                       source=data.train_path if split == "train" else data.eval_path),
+                       source=None if split == "train" else data.eval_path),
             data, built.processor, built.model.config, micro_batch_size=cfg.train.micro_batch_size,
             shuffle=split == "train", seed=cfg.train.seed)
         for split, convs in records.items()

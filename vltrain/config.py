@@ -58,7 +58,15 @@ class MediaConfig:
 
 @dataclass
 class DataConfig(MediaConfig):
-    train_path: str = ""  # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too
+    # LLaVA JSON (a list) or JSONL; OpenAI-style `messages` records too. A list of files (each in any of these
+    # formats) is read as one dataset, each sample keeping its own file and index in skip records and errors
+    # (vltrain.data.mixture); a `synthetic:*` demo name stands alone.
+    train_path: str | list[str] = ""
+    # With a list of train files: one weight per file (need not sum to 1; 0 leaves a file out). Each epoch draws
+    # as many samples as all files hold, file i round(w_i / sum(w) x that) of them: a file asked for more than it
+    # has repeats (every record once before any twice), one asked for fewer gives a random subset, both drawn anew
+    # every epoch from train.seed. None: the files are simply concatenated. Evaluation reads eval_path as it is.
+    weights: list[float] | None = None
     eval_path: str | None = None  # held-out records in the same format (None: no evaluation)
     image_folder: str | None = None  # relative media paths are resolved against this folder
     # Longest example in tokens; longer text is cut (media never), the cut is counted and logged
@@ -78,7 +86,20 @@ class DataConfig(MediaConfig):
     # them as text in every assistant turn; "off" trains non-thinking answers (the template's empty block).
     thinking: Literal["keep", "off"] = "keep"
 
+    def train_paths(self) -> list[str]:
+        """data.train_path as a list of files ([] when unset)."""
+        if isinstance(self.train_path, str):
+            return [self.train_path] if self.train_path else []
+        return list(self.train_path)
+
+    def is_synthetic(self) -> bool:
+        """data.train_path names a generated demo set (`synthetic:*`, vltrain.data.loader.resolve_synthetic_data)."""
+        return isinstance(self.train_path, str) and self.train_path.startswith("synthetic:")
+
     def validate(self) -> None:
+        from vltrain.data.mixture import check_mixture_config
+
+        check_mixture_config(self.train_path, self.weights)
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_seq_length:
             raise ValueError(f"data.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= data.max_seq_length "
                              f"({self.max_seq_length}) so that every example fits in a micro-batch")
@@ -242,7 +263,7 @@ class SFTConfig:
         for section in (self.model, self.data, self.trainable, self.optim, self.train):
             section.validate()
         self.lora.validate(self.trainable)
-        synthetic = self.data.train_path.startswith("synthetic:")  # the demo generates its eval split
+        synthetic = self.data.is_synthetic()  # the demo generates its eval split
         for name in ("eval_every", "eval_exact_match"):
             if getattr(self.train, name) and not (self.data.eval_path or synthetic):
                 raise ValueError(f"train.{name}={getattr(self.train, name)} needs data.eval_path (there is nothing to evaluate on)")
@@ -297,8 +318,11 @@ class DPOConfig(SFTConfig):
         self.dpo.validate()
         if self.train.eval_exact_match:
             raise ValueError("train.eval_exact_match is an SFT option; DPO's generation check is dpo.eval_generations")
-        if self.dpo.eval_generations and not (self.data.eval_path or self.data.train_path.startswith("synthetic:")):
+        if self.dpo.eval_generations and not (self.data.eval_path or self.data.is_synthetic()):
             raise ValueError("dpo.eval_generations needs data.eval_path (held-out pairs to answer)")
+        if self.dpo.precompute_ref_log_probs and self.data.weights is not None:
+            raise ValueError("dpo.precompute_ref_log_probs scores the pairs of one epoch's draw, which data.weights "
+                             "may leave some pairs out of: drop data.weights (the files are then concatenated)")
 
 
 @dataclass
@@ -374,7 +398,7 @@ class GRPOConfig(SFTConfig):
         if self.train.save_every % self.grpo.num_iterations:
             raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of grpo.num_iterations "
                              f"({self.grpo.num_iterations}): checkpoints are written between rollout batches")
-        if self.grpo.eval_prompts and not (self.data.eval_path or self.data.train_path.startswith("synthetic:")):
+        if self.grpo.eval_prompts and not (self.data.eval_path or self.data.is_synthetic()):
             raise ValueError("grpo.eval_prompts needs data.eval_path (held-out prompts)")
 
 
@@ -474,10 +498,12 @@ class CLSConfig(SFTConfig):
         self.cls.validate()
         if self.train.eval_exact_match:
             raise ValueError("train.eval_exact_match is an SFT option; classification reports accuracy and F1 on data.eval_path")
-        if self.cls.early_stopping_patience and not (self.train.eval_every and (self.data.eval_path or self.data.train_path.startswith("synthetic:"))):
+        if self.cls.early_stopping_patience and not (self.train.eval_every and (self.data.eval_path or self.data.is_synthetic())):
             raise ValueError("cls.early_stopping_patience needs evaluations: set data.eval_path and train.eval_every")
         if self.cls.balanced_sampler and self.data.max_tokens_per_batch is not None:
             raise ValueError("cls.balanced_sampler cannot be combined with data.max_tokens_per_batch (both choose the batches)")
+        if self.cls.balanced_sampler and self.data.weights is not None:
+            raise ValueError("cls.balanced_sampler cannot be combined with data.weights (both choose the samples)")
 
 
 # --------------------------------------------------------------------------------------- loading

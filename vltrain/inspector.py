@@ -455,7 +455,9 @@ def inspect_data(cfg, loop: str, *, processor=None, image_factor: int | None = N
     resolve_synthetic_data(cfg.data, cfg.train.output_dir)
     from vltrain.data.formats import read_records
 
-    paths = {"train": cfg.data.train_path}
+    # several train files (vltrain.data.mixture): each is inspected as a split of its own, "train", "train[1]", ...
+    train_paths = [cfg.data.train_path] if isinstance(cfg.data.train_path, str) else cfg.data.train_paths()
+    paths = {("train" if i == 0 else f"train[{i}]"): path for i, path in enumerate(train_paths)}
     if cfg.data.eval_path:
         paths["eval"] = cfg.data.eval_path
     for path in paths.values():
@@ -470,8 +472,9 @@ def inspect_data(cfg, loop: str, *, processor=None, image_factor: int | None = N
                                          num_examples=num_examples - len(report["examples"]))
         report["splits"][name] = split
         report["examples"] += [_render_data(e, loop, processor, media, cfg) for e in examples]
-    train = report["splits"]["train"]
-    report["estimate"] = estimate(cfg, loop, train["slot_tokens"], num_processes) if train["slot_tokens"] else None
+    # the steps of an epoch over all train files (data.weights draws as many samples, so the same step count)
+    train_slots = [n for name, s in report["splits"].items() if name.split("[")[0] == "train" for n in s["slot_tokens"]]
+    report["estimate"] = estimate(cfg, loop, train_slots, num_processes) if train_slots else None
     problems = [f"{name} data: {s['fatal']}" for name, s in report["splits"].items() if s["fatal"]]
     problems += [f"{name} data: {s['too_many_skips']}" for name, s in report["splits"].items() if s["too_many_skips"]]
     if report["estimate"] and report["estimate"]["error"]:

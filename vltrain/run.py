@@ -39,11 +39,13 @@ def parse_config(cls, argv: list[str], *, default: str | None = None):
 def open_run(cfg, load) -> tuple[object, dict]:
     """What every recipe does before loading a model: the Accelerator (vltrain.distributed), the kernel check,
     the seed, the demo's synthetic data written (main process first), and every train / eval record read and
-    checked by `load(path)` so that a bad file fails before the model loads. Returns (accelerator,
-    {"train": records[, "eval": records]})."""
+    checked by `load(path)` so that a bad file fails before the model loads (several `data.train_path` files:
+    each read in turn, their records concatenated, each naming its own file: vltrain.data.mixture). Returns
+    (accelerator, {"train": records[, "eval": records]})."""
     from accelerate.utils import set_seed
 
     from vltrain.data.loader import resolve_synthetic_data
+    from vltrain.data.mixture import check_train_files
     from vltrain.distributed import build_accelerator, check_kernels_supported
 
     accelerator = build_accelerator(cfg.train)
@@ -52,7 +54,10 @@ def open_run(cfg, load) -> tuple[object, dict]:
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
         resolve_synthetic_data(cfg.data, cfg.train.output_dir)
-    records = {"train": load(cfg.data.train_path)}
+    if isinstance(cfg.data.train_path, str):
+        records = {"train": load(cfg.data.train_path)}
+    else:
+        records = {"train": [record for path in check_train_files(cfg.data) for record in load(path)]}
     if cfg.data.eval_path:
         records["eval"] = load(cfg.data.eval_path)
     return accelerator, records

@@ -22,6 +22,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from vltrain.data.dataset import PadCollator
+from vltrain.data.mixture import MixtureSampler, describe_files, file_groups
 from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
 from vltrain.tracking import print0
 
@@ -32,9 +33,23 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
     `config`), else right-padded batches; `data.max_tokens_per_batch` fills micro-batches to a token budget
     instead of `micro_batch_size` samples (every example's length is measured once, up front: estimated from the
     text and the media headers, no pixel decoded, vltrain.data.lengths). A `sampler`
-    (e.g. vltrain.data.labels.ClassBalancedSampler) orders the samples instead of `shuffle`."""
+    (e.g. vltrain.data.labels.ClassBalancedSampler) orders the samples instead of `shuffle`.
+
+    Several `data.train_path` files (vltrain.data.mixture): a shuffled (training) loader prints the records
+    of each file, and with `data.weights` draws every epoch's samples from them by weight (MixtureSampler, or
+    its order cut to the token budget); an unshuffled one (evaluation) reads the dataset as it is."""
     from vltrain.faults import worker_init_fn
 
+    mixture = None
+    paths = data_cfg.train_paths()
+    if shuffle and len(paths) > 1:
+        groups = file_groups(dataset, paths)
+        if data_cfg.weights is not None:
+            if sampler is not None:
+                raise ValueError(f"data.weights draws the samples of each epoch, which cannot follow a "
+                                 f"{type(sampler).__name__}; drop one of them")
+            mixture = MixtureSampler(groups, data_cfg.weights, seed=seed)
+        print0(describe_files(paths, groups, mixture.counts if mixture is not None else None))
     if collate_fn is None:
         collate_fn = PackCollator(model_config) if data_cfg.packing else PadCollator(processor.tokenizer.pad_token_id)
     common = dict(num_workers=data_cfg.num_workers, collate_fn=collate_fn,
@@ -45,10 +60,12 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
             raise ValueError(f"data.max_tokens_per_batch={data_cfg.max_tokens_per_batch} batches by a token budget, "
                              f"which cannot follow a {type(sampler).__name__}; set it to 0 or drop the sampler")
         lengths = example_lengths(dataset, data_cfg.num_workers)
-        sampler = TokenBudgetBatchSampler(lengths, data_cfg.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+        sampler = TokenBudgetBatchSampler(lengths, data_cfg.max_tokens_per_batch, shuffle=shuffle, seed=seed,
+                                          order=mixture.order if mixture is not None else None)
         print0(f"token budget {data_cfg.max_tokens_per_batch}: {len(dataset)} samples -> {len(sampler)} "
                f"micro-batches of {sampler.mean_tokens_per_batch():.0f} tokens on average")
         return DataLoader(dataset, batch_sampler=sampler, **common)
+    sampler = mixture if mixture is not None else sampler
     if sampler is not None:
         return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=False, **common)
     return DataLoader(dataset, batch_size=micro_batch_size, shuffle=shuffle, drop_last=False, **common)
@@ -66,7 +83,7 @@ def resolve_synthetic_data(data_cfg, output_dir) -> None:
     `synthetic:colour_questions` (the GRPO demo: colour questions only, rightly labelled): write the
     generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
     `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
-    if not data_cfg.train_path.startswith("synthetic:"):
+    if not data_cfg.is_synthetic():
         return
     from vltrain.synthetic import write_shape_classes, write_shape_pairs, write_shapes_dataset
 

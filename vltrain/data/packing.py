@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -103,17 +104,21 @@ def example_length(example: dict) -> int:
 class TokenBudgetBatchSampler(Sampler[list[int]]):
     """Micro-batches of indices whose example lengths sum to at most `max_tokens`.
 
-    Indices are shuffled per epoch (seed + epoch) when `shuffle`, then cut greedily in that order:
+    Indices are shuffled per epoch (seed + epoch) when `shuffle`, or taken from `order(epoch)` when given
+    (a weighted mixture's draw, vltrain.data.mixture.MixtureSampler.order: indices may repeat or be left
+    out, so the number of micro-batches can change from epoch to epoch), then cut greedily in that order:
     a micro-batch closes when the next example would overflow the budget. An example longer than the
     budget is a ValueError (make data.max_tokens_per_batch >= data.max_seq_length).
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0):
+    def __init__(self, lengths: list[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
+                 order: Callable[[int], list[int]] | None = None):
         too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
         if too_long:
             raise ValueError(f"{len(too_long)} example(s) are longer than max_tokens_per_batch={max_tokens} "
                              f"(e.g. index {too_long[0]}: {lengths[too_long[0]]} tokens)")
         self.lengths, self.max_tokens, self.shuffle, self.seed = list(lengths), max_tokens, shuffle, seed
+        self.order = order
         self.epoch = 0
         self._num_batches = len(self._batches(0))
 
@@ -121,9 +126,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
+        if self.order is not None:
+            order = self.order(epoch)
+        else:
+            order = list(range(len(self.lengths)))
+            if self.shuffle:
+                random.Random(self.seed + epoch).shuffle(order)
         batches, current, used = [], [], 0
         for i in order:
             if current and used + self.lengths[i] > self.max_tokens:
