@@ -9,8 +9,13 @@ Kernels (module docstrings say exactly what each replaces):
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
+- "float8", "float8_rowwise" (every family, opt-in) float8.py: the LLM decoder layers' linears as torchao
+                                            Float8Linear (tensorwise / rowwise scales); needs torchao.
 - "compile_layers"        (every family, opt-in) compile_layers.py: each LLM decoder layer torch.compile'd.
 - "all": every kernel that applies to the model's family, except the opt-in ones (and old names).
+
+Kernels are applied in the order of KERNELS, whatever the order asked for (float8 swaps the linears before
+compile_layers wraps the layers that call them).
 
 Nothing is assigned on a class: forwards are bound methods set on the instance (a deepcopy rebinds them
 to the copy) and submodules are swapped on the instance. Applying twice patches nothing new. Apply
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from vltrain.families import family_spec, get_module
 from vltrain.kernels.compile_layers import patch_compile_layers
+from vltrain.kernels.float8 import FLOAT8_RECIPES, patch_float8
 from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
 from vltrain.kernels.rms_norm import patch_rms_norm
@@ -28,8 +34,9 @@ from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
 from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen
 
 KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu",
-           "compile_layers")
-OPT_IN = ("compile_layers",)  # not part of "all": it costs a compile at the start of every run
+           "float8", "float8_rowwise", "compile_layers")
+# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics
+OPT_IN = ("float8", "float8_rowwise", "compile_layers")
 OLD_NAMES = {"vision_window_varlen": "vision_varlen"}  # accepted where the old kernel applied; not in "all"
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.
@@ -82,7 +89,7 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
 
     base = _base_model(model)
     patched: list[str] = list(getattr(model, "_vltrain_kernels", []))
-    for name in dict.fromkeys(requested):  # de-duplicated, in order
+    for name in sorted(dict.fromkeys(requested), key=KERNELS.index):  # de-duplicated, in table order
         if name == "fused_linear_ce":
             new = patch_fused_linear_ce(base)
         elif name == "vision_varlen":
@@ -91,6 +98,8 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_rms_norm(base, spec.model_type)
         elif name == "swiglu":
             new = patch_swiglu(base, spec.model_type)
+        elif name in FLOAT8_RECIPES:
+            new = patch_float8(base, name)
         elif name == "compile_layers":
             new = [patch_compile_layers(base)]
         else:
