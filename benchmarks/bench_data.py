@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--gpu_tokens_per_s", type=float, default=None, help="tokens/s training consumes")
     parser.add_argument("--lengths_only", action="store_true", help="only the estimate-vs-encode length pass")
     parser.add_argument("--no_lengths", action="store_true", help="skip the estimate-vs-encode length pass")
+    parser.add_argument("--out", default=None, help="also write the rows (and the settings) to this JSON file")
     args = parser.parse_args()
 
     import os
@@ -231,6 +232,9 @@ def main() -> None:
         if args.gpu_tokens_per_s:
             line += f" {row['tokens_per_s'] / args.gpu_tokens_per_s:>18.2f}"
         print(line)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "argv": " ".join(sys.argv), "rows": rows,
+                                              "gpu_tokens_per_s": args.gpu_tokens_per_s}, indent=1))
 
 
 if __name__ == "__main__":

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import gc
 import json
 import math
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -308,8 +310,47 @@ def profile_step(model, batches, num_tokens, opt, params, out_path: str) -> None
         vltrain_step(model, batches, num_tokens, opt, params)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    Path(out_path).write_text(table)
-    print(table[:6000])
+    summary = kernel_summary(prof)
+    Path(out_path).write_text(summary + "\n\n" + table)
+    print(summary + "\n\n" + table[:4000])
+
+
+# GPU kernel name -> category, first match wins (cuBLAS / CUTLASS GEMMs, attention, liger's Triton kernels, ...)
+KERNEL_CATEGORIES = (
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "_mm_")),
+    ("attention", ("flash", "fmha", "attn", "attention", "varlen")),
+    ("triton (liger, compiled)", ("triton",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cast", "convert", "to_copy")),
+    ("reduce / norm", ("reduce", "norm", "softmax", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+)
+
+
+def kernel_summary(prof) -> str:
+    """Device time of one profiled step by kernel category, and the GPU's busy time (the union of its kernels'
+    intervals) over the step's wall time: the idle rest is the host not keeping the GPU fed."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        name = e.name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        by_category[category] = by_category.get(category, 0.0) + e.time_range.elapsed_us()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    total = sum(by_category.values()) or 1.0
+    lines = [f"GPU busy {busy / 1e3:.1f} ms of {wall / 1e3:.1f} ms from first to last kernel "
+             f"({busy / max(wall, 1e-9):.1%}); {len(kernels)} kernels"]
+    lines += [f"  {c:<26} {t / 1e3:9.1f} ms  {t / total:6.1%}" for c, t in
+              sorted(by_category.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
 
 
 def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
@@ -506,9 +547,15 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     model_type = args.preset[5:] if args.preset.startswith("tiny_") else PRESETS[args.preset]["model_type"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t_setup = time.perf_counter()
+
+    def phase(name: str) -> None:  # where the loop path is, for a run that stalls
+        print(f"loop: {name} ({time.perf_counter() - t_setup:.1f} s)", flush=True)
+
     data_path = write_llava_data(workdir / "data", build_tiny_processor(model_type).tokenizer, args.num_samples,
                                  seed=0)
+    phase("data written")
     save_preset_model(args.preset, workdir / "model", device, dtype)
+    phase("preset saved")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     cfg = loop_config(workdir, data_path, args, mode=mode, gc_every=gc_every, compile_layers=compile_layers,
@@ -517,6 +564,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     data = cfg.data
     built = build_model(cfg.model, cfg.trainable, cfg.lora, packing=data.packing)
     print("\n".join(built.report), flush=True)
+    phase("model built")
     media = MediaOptions.from_config(data, image_factor=built.spec.image_factor)
     dataset = SFTDataset(str(data_path), built.processor, media, max_seq_length=data.max_seq_length,
                          image_folder=data.image_folder)
@@ -525,12 +573,14 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     # The Accelerator comes after the loader: its accumulation steps are the loader's micro-batches (build_model
     # needs the accelerator's device only for a quantized base).
     cfg.train.gradient_accumulation_steps = len(loader)
+    phase("loader built (lengths measured)")
     dump_config(cfg, workdir / "config.yaml")  # the run's config, as a recipe writes it
     examples = [dataset[i] for i in range(len(dataset))]
     real = sum(len(e["input_ids"]) for e in examples)
     base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
     flops = model_flops(base, examples, lora=mode == "lora")
     setup_s = time.perf_counter() - t_setup
+    phase("examples encoded, training starts")
 
     saved_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     # what `accelerate launch --config_file accelerate_configs/single_gpu.yaml` sets (no autocast on CPU)
@@ -543,6 +593,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
         t_train = time.perf_counter()
         result = train(accelerator, built.model, loader, cfg.train, cfg.optim, max_bad_fraction=data.max_bad_fraction)
         train_s = time.perf_counter() - t_train
+        phase("training done")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         precision = accelerator.mixed_precision
         accelerator.end_training()
@@ -685,6 +736,8 @@ def main():
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
                          "(default: a temporary folder, deleted)")
     args = ap.parse_args()
+    # `kill -USR1 <pid>` prints every thread's Python stack (a DataLoader worker forked later inherits it)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceiling = matmul_ceiling(device)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

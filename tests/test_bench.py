@@ -97,3 +97,27 @@ def test_bench_loop_path_on_a_gpu_uses_bf16_autocast_and_reports_memory_and_mfu(
     assert loop["mixed_precision"] == "bf16" and loop["kernels"] == ["all"]
     assert loop["peak_gib"] > 0 and 0 < loop["mfu"] < 1 and loop["tokens_per_s"] > 0
     assert len(loop["step_times"]) == 2 and len(loop["losses"]) == 3
+
+
+def test_kernel_summary_groups_gpu_kernels_by_category_and_measures_the_busy_union():
+    """The profile summary counts device kernels only, by category, and the GPU's busy time as the union of the
+    kernels' intervals (two overlapping kernels are busy once), over first-to-last-kernel wall time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_sft import kernel_summary
+
+    def event(name, start, end, device=DeviceType.CUDA):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=device, time_range=span)
+
+    events = [event("sm90_xmma_gemm_bf16", 0, 600), event("flash_fwd_kernel", 500, 700),
+              event("vectorized_elementwise_kernel", 900, 1000), event("aten::mm", 0, 5000, DeviceType.CPU)]
+    text = kernel_summary(SimpleNamespace(events=lambda: events))
+    first, *rows = text.splitlines()
+    # busy: [0, 700] and [900, 1000] = 800 us of 1000 us; the CPU op is not a kernel
+    assert first.startswith("GPU busy 0.8 ms of 1.0 ms") and "(80.0%)" in first and "3 kernels" in first
+    shares = {row.split("  ")[1].strip(): row.split()[-1] for row in rows}
+    assert shares == {"gemm": "66.7%", "attention": "22.2%", "elementwise": "11.1%"}

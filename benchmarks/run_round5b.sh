@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Round-5 stages, second part (#15), each under a time limit; files go to $OUT. Needs the carried wheels first.
+#   bash benchmarks/run_round5b.sh hang    # the loop path on the tiny preset (2 and 0 workers); stacks if it stalls
+#   bash benchmarks/run_round5b.sh data    # bench_data.py on this machine's cores vs 3B full SFT's consumption
+#   bash benchmarks/run_round5b.sh profq3  # one profiled vltrain step + the sync report, Qwen3-VL-4B full FT, GC on
+#   bash benchmarks/run_round5b.sh profq2  # the same for Qwen2-VL-2B
+#   bash benchmarks/run_round5b.sh prof7l  # the same for Qwen2.5-VL-7B LoRA with compile_layers
+set -u
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
+show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
+# watch SECONDS LOG CMD...: run CMD; if it is still running after SECONDS, print every thread's stack of it and of
+# its children (faulthandler on SIGUSR1, bench_sft.py registers it; py-spy when installed), then kill it.
+watch() {
+  local secs=$1 log=$2; shift 2
+  "$@" >"$log" 2>&1 & local pid=$!
+  for _ in $(seq "$secs"); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "STALLED after ${secs}s: $*"; local kids; kids=$(pgrep -P $pid | tr '\n' ' ')
+    for p in $pid $kids; do echo "== py-spy $p"; py-spy dump --native --pid $p 2>&1 | head -60; done
+    for p in $pid $kids; do kill -USR1 $p 2>/dev/null; done; sleep 3
+    kill -9 $pid $kids 2>/dev/null
+  fi
+  wait $pid 2>/dev/null; echo "exit $? : $*"; grep -Ev 'Warning|warn' "$log" | tail -60
+}
+for stage in "$@"; do case "$stage" in
+hang)
+  watch 75 "$OUT/hang_w2.log" $B --preset tiny_qwen2_5_vl --runs loop:full:gc1 --steps 2
+  watch 75 "$OUT/hang_w0.log" $B --preset tiny_qwen2_5_vl --runs loop:full:gc1 --steps 2 --num_workers 0 ;;
+data) timeout 150 python benchmarks/bench_data.py --workers 0,2,4,8,16 --gpu_tokens_per_s 13034 \
+        --out "$OUT/r5_data_h200.json" 2>&1 | grep -Ev 'Warning|warn' | tail -30 ;;
+profq3) timeout 200 $B --preset qwen3_vl_4b --runs vltrain:full:gc1@16384 --profile "$OUT/prof_q3_4b.txt" \
+          --sync_report "$OUT/sync_q3_4b.txt" --out "$OUT/r5_prof_q3_4b.json" 2>&1 | show ;;
+profq2) timeout 200 $B --preset qwen2_vl_2b --runs vltrain:full:gc1@16384 --profile "$OUT/prof_q2_2b.txt" \
+          --sync_report "$OUT/sync_q2_2b.txt" --out "$OUT/r5_prof_q2_2b.json" 2>&1 | show ;;
+prof7l) timeout 300 $B --preset qwen2_5_vl_7b --runs vltrain:lora:gc1c@16384 --profile "$OUT/prof_7b_lora.txt" \
+          --out "$OUT/r5_prof_7b_lora.json" 2>&1 | show ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac; done
