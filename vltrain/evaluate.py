@@ -24,6 +24,11 @@ def prompt_and_answer(conv: Conversation) -> tuple[Conversation, str]:
     return dataclasses.replace(conv, turns=conv.turns[:last]), answer
 
 
+def exact_match(prediction: str, reference: str) -> bool:
+    """The one exact-match rule (the SFT recipe's held-out score, `vltrain generate`): equal once stripped."""
+    return prediction.strip() == reference.strip()
+
+
 def exact_match_accuracy(model, processor, conversations: list[Conversation], media: MediaOptions, *,
                          image_folder: str | None = None, system_prompt: str | None = None,
                          max_new_tokens: int = 16, show_progress: bool = True, batch_size: int = 16,
@@ -37,6 +42,6 @@ def exact_match_accuracy(model, processor, conversations: list[Conversation], me
     records = []
     for conv, answer, reply in zip(conversations, answers, replies):
         text = reply.text.strip()
-        records.append({"id": conv.sample_id, "answer": answer.strip(), "reply": text, "correct": text == answer.strip(),
+        records.append({"id": conv.sample_id, "answer": answer.strip(), "reply": text, "correct": exact_match(text, answer),
                         "finish_reason": reply.finish_reason})
     return sum(r["correct"] for r in records) / max(1, len(records)), records

@@ -79,9 +79,11 @@ def split_reference(conv: Conversation) -> tuple[Conversation, str | None]:
 
 
 def score_line(sample_id: str, prediction: str, finish_reason: str, reference: str | None) -> dict:
+    from vltrain.evaluate import exact_match
+
     line = {"id": sample_id, "prediction": prediction, "finish_reason": finish_reason}
     if reference is not None:
-        line |= {"reference": reference, "exact_match": prediction.strip() == reference.strip(),
+        line |= {"reference": reference, "exact_match": exact_match(prediction, reference),
                  "contains_match": normalise(reference) in normalise(prediction)}
     return line
 
