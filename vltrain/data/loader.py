@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from vltrain.data.dataset import PadCollator
 from vltrain.data.mixture import MixtureSampler, describe_files, file_groups
@@ -65,10 +65,19 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
         print0(f"token budget {data_cfg.max_tokens_per_batch}: {len(dataset)} samples -> {len(sampler)} "
                f"micro-batches of {sampler.mean_tokens_per_batch():.0f} tokens on average")
         return DataLoader(dataset, batch_sampler=sampler, **common)
-    sampler = mixture if mixture is not None else sampler
+    if mixture is not None:
+        return DataLoader(dataset, batch_sampler=EpochBatchSampler(mixture, micro_batch_size, drop_last=False), **common)
     if sampler is not None:
         return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=False, **common)
     return DataLoader(dataset, batch_size=micro_batch_size, shuffle=shuffle, drop_last=False, **common)
+
+
+class EpochBatchSampler(BatchSampler):
+    """torch's BatchSampler that passes `set_epoch` on to its sampler: vltrain.progress sets the epoch on the batch
+    samplers of a loader (through accelerate's shard and its resume skipper), which a plain BatchSampler hides."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 # SFT records / DPO pairs / classification records (vltrain.synthetic)
