@@ -426,12 +426,12 @@ def verify_tower(model_type: str, visual) -> None:
     outputs += list(zip(getattr(want, "deepstack_features", None) or [], getattr(got, "deepstack_features", None) or []))
     if not all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in outputs):
         raise ValueError(f"{where}.forward gives other outputs with the host-built tensors; not patching")
-    seen = [entry for block in probe.blocks for entry in block.attn._vltrain_seen]
-    if len(seen) != len(probe.blocks) or any(m is None or m != int((cu[1:] - cu[:-1]).max()) for cu, m in seen):
-        raise ValueError(f"{where}.forward no longer hands the host max_seqlen to its blocks; not patching")
     if syncs.count > 1:
         raise ValueError(f"{where}.forward still derives positions from grid_thw itself ({syncs.count} host "
                          f"reads: {sorted(set(syncs.events))}); not patching")
+    seen = [entry for block in probe.blocks for entry in block.attn._vltrain_seen]
+    if len(seen) != len(probe.blocks) or any(m is None or m != int((cu[1:] - cu[:-1]).max()) for cu, m in seen):
+        raise ValueError(f"{where}.forward no longer hands the host max_seqlen to its blocks; not patching")
     _VERIFIED.add(cls)
 
 
