@@ -58,6 +58,13 @@ class TowerSpec:
     windows: bool = False  # Qwen2.5-VL: window_index / cu_window_seqlens / max_window_seqlen
     interpolation: bool = False  # Qwen3.x: interp_indices / interp_weights of the learned position grid
 
+    @property
+    def precomputed(self) -> tuple[str, ...]:
+        """The keyword arguments the patched forward hands the tower's own forward."""
+        return (("position_ids", "cu_seqlens", "max_seqlen")
+                + (("window_index", "cu_window_seqlens", "max_window_seqlen") if self.windows else ())
+                + (("interp_indices", "interp_weights") if self.interpolation else ()))
+
 
 VISION_TOWERS = {
     "qwen2_vl": TowerSpec("Qwen2VisionTransformerPretrainedModel"),
@@ -395,6 +402,7 @@ def verify_tower(model_type: str, visual) -> None:
         raise ValueError(f"{where} no longer has the attributes or transformers.vision_utils helpers this "
                          f"kernel assumes ({type(err).__name__}: {err}); not patching") from err
     got_inputs = build_host_inputs(_PROBE_GRIDS, layout)
+    assert tuple(got_inputs) == _tower_spec(model_type).precomputed == tuple(want_inputs)
     for key, want in want_inputs.items():
         got = got_inputs[key]
         same = torch.equal(got, want.to(got.dtype)) if torch.is_tensor(want) else got == want
@@ -458,5 +466,5 @@ def patch_vision_positions(model, model_type: str) -> list[str]:
     visual._vltrain_positions_layout = layout
     visual._vltrain_positions_inner = visual.forward  # the class forward (or an instance patch before this one)
     visual.forward = types.MethodType(_host_positions_forward, visual)
-    built = ", ".join(k for k in build_host_inputs(((1, layout.merge, layout.merge),), layout))
+    built = ", ".join(_tower_spec(model_type).precomputed)
     return [f"vision_positions: {path}.forward ({cls.__qualname__}; host-built {built})"]
