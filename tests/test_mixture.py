@@ -267,3 +267,42 @@ def test_sft_recipe_on_two_weighted_files_draws_by_weight_and_names_the_file_of_
     assert f"train files: {a} 12 records, {b} 4 records; each epoch draws 16: 4 from {a}" in out
     assert f"12 from {b} (3.00x its records)" in out
     assert load_config(SFTConfig, tmp_path / "out" / "config.yaml").data.weights == [1.0, 3.0]
+
+
+def test_the_inspector_reads_every_listed_train_file(tmp_path):
+    from vltrain.inspector import inspect_data
+    from vltrain.tiny import build_tiny_processor
+
+    a = _write(tmp_path / "a.json", _text_records("a", 5))
+    b_records = _text_records("b", 3)
+    b_records[1] = {**b_records[1], "image": "missing.png"}
+    b = _write(tmp_path / "b.jsonl", b_records, jsonl=True)
+    cfg = load_config(SFTConfig, None, [f"data.train_path=[{a},{b}]", "data.weights=[1,1]", "data.max_seq_length=128",
+                                        f"data.image_folder={tmp_path}", f"train.output_dir={tmp_path / 'out'}",
+                                        "train.micro_batch_size=2"])
+    report = inspect_data(cfg, "sft", processor=build_tiny_processor("qwen2_vl"), image_factor=28, num_examples=1,
+                          show_progress=False)
+    splits = report["splits"]
+    assert list(splits) == ["train", "train[1]"] and [s["path"] for s in splits.values()] == [str(a), str(b)]
+    assert splits["train"]["num_usable"] == 5 and splits["train[1]"]["num_usable"] == 2
+    assert [r["id"] for r in splits["train[1]"]["rejected"]] == ["b1"]
+    assert report["estimate"]["num_samples"] == 8 and report["estimate"]["micro_batches_per_epoch"] == 4
+
+
+def test_dpo_reference_cache_hashes_every_listed_file_and_weights_refuse_what_needs_every_record(tmp_path):
+    from recipes.dpo import reference_cache
+    from vltrain.config import CLSConfig, DPOConfig
+
+    a, b = _write(tmp_path / "a.json", [{"id": 1}]), _write(tmp_path / "b.json", [{"id": 2}])
+    cfg = load_config(DPOConfig, None, [f"data.train_path=[{a},{b}]", "dpo.precompute_ref_log_probs=true",
+                                        f"train.output_dir={tmp_path}"])
+    before = reference_cache(cfg, cfg.data.train_path, "train")
+    assert before.name.startswith("train-a+b-")
+    _write(b, [{"id": 3}])
+    assert reference_cache(cfg, cfg.data.train_path, "train") != before  # the second file's bytes count too
+    with pytest.raises(ValueError, match="dpo.precompute_ref_log_probs .* data.weights"):
+        load_config(DPOConfig, None, [f"data.train_path=[{a},{b}]", "data.weights=[1,1]",
+                                      "dpo.precompute_ref_log_probs=true"])
+    with pytest.raises(ValueError, match="cls.balanced_sampler .* data.weights"):
+        load_config(CLSConfig, None, [f"data.train_path=[{a},{b}]", "data.weights=[1,1]", "cls.num_labels=2",
+                                      "cls.balanced_sampler=true"])
