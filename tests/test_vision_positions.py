@@ -252,10 +252,11 @@ def loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, media_dir, mixed_data, monkeypatch):
+@pytest.mark.parametrize("kernels", [["vision_varlen"], ["all"]])
+def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels, media_dir, mixed_data, monkeypatch):
     stock, patched, processor = stock_and_copy(family)
-    apply_kernels(patched, ["vision_varlen"])
-    patch_vision_positions(patched, family)
+    apply_kernels(patched, kernels)
+    assert patch_vision_positions(patched, family)
     batch = sft_batch(family, processor, media_dir, mixed_data)
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     built = []
@@ -415,7 +416,7 @@ def test_gpu_bf16_matches_stock_and_runs_without_sync(family):
     pixels, grid = vision_inputs(processor)
     pixels, grid = pixels.to("cuda", torch.bfloat16), grid.to("cuda")
     built = vision_positions.device_inputs(tuple(map(tuple, grid.tolist())), visual_of(patched)._vltrain_positions_layout,
-                                           torch.device("cuda"))
+                                           pixels.device)
     assert built["position_ids"].is_cuda and torch.equal(built["position_ids"],
                                                          vision_utils.get_vision_position_ids(grid, 2))
     if "interp_weights" in built:

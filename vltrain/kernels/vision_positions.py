@@ -405,7 +405,7 @@ def verify_tower(model_type: str, visual) -> None:
     assert tuple(got_inputs) == _tower_spec(model_type).precomputed == tuple(want_inputs)
     for key, want in want_inputs.items():
         got = got_inputs[key]
-        same = torch.equal(got, want.to(got.dtype)) if torch.is_tensor(want) else got == want
+        same = got.dtype == want.dtype and torch.equal(got, want) if torch.is_tensor(want) else got == want
         if not same:
             raise ValueError(f"{where}: the host-built {key} differs from transformers.vision_utils'; not patching")
 
