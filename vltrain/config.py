@@ -88,9 +88,9 @@ class DataConfig(MediaConfig):
 
     def train_paths(self) -> list[str]:
         """data.train_path as a list of files ([] when unset)."""
-        if isinstance(self.train_path, str):
-            return [self.train_path] if self.train_path else []
-        return list(self.train_path)
+        from vltrain.data.mixture import train_files
+
+        return train_files(self.train_path)
 
     def is_synthetic(self) -> bool:
         """data.train_path names a generated demo set (`synthetic:*`, vltrain.data.loader.resolve_synthetic_data)."""
@@ -342,6 +342,9 @@ class GRPOSection:
     # "builtin:accuracy", "builtin:format"; weighted by reward_weights (default 1.0 each).
     rewards: list[str] = field(default_factory=lambda: ["builtin:accuracy", "builtin:format"])
     reward_weights: list[float] | None = None  # weight of each reward (None: 1.0 each)
+    # Seconds one call of a reward may take before the run stops with an error naming it (None or 0: no limit);
+    # with a limit a sync reward from a file runs in a worker thread (vltrain.rewards says what that means).
+    reward_timeout: float | None = 60.0
     # Divide advantages by the reward std of the group, the batch, or not at all
     scale_rewards: Literal["group", "batch", "none"] = "group"
     # How token losses are averaged (dapo: over all tokens of the batch)
@@ -377,6 +380,8 @@ class GRPOSection:
                              "grpo.rewards")
         if self.eval_prompts < 0 or self.log_completions < 0:
             raise ValueError("grpo.eval_prompts and grpo.log_completions must be >= 0")
+        if self.reward_timeout is not None and not self.reward_timeout >= 0:
+            raise ValueError(f"grpo.reward_timeout must be >= 0 seconds (0 or None: no limit), got {self.reward_timeout}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.utils.data import BatchSampler, DataLoader
 
 from vltrain.data.dataset import PadCollator
-from vltrain.data.mixture import MixtureSampler, describe_files, file_groups
+from vltrain.data.mixture import MixtureSampler, describe_files, file_groups, train_files
 from vltrain.data.packing import PackCollator, TokenBudgetBatchSampler, example_lengths
 from vltrain.tracking import print0
 
@@ -41,14 +41,15 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
     from vltrain.faults import worker_init_fn
 
     mixture = None
-    paths = data_cfg.train_paths()
+    paths = train_files(getattr(data_cfg, "train_path", ""))  # a hand-made data config may name no file at all
+    weights = getattr(data_cfg, "weights", None)
     if shuffle and len(paths) > 1:
         groups = file_groups(dataset, paths)
-        if data_cfg.weights is not None:
+        if weights is not None:
             if sampler is not None:
                 raise ValueError(f"data.weights draws the samples of each epoch, which cannot follow a "
                                  f"{type(sampler).__name__}; drop one of them")
-            mixture = MixtureSampler(groups, data_cfg.weights, seed=seed)
+            mixture = MixtureSampler(groups, weights, seed=seed)
         print0(describe_files(paths, groups, mixture.counts if mixture is not None else None))
     if collate_fn is None:
         collate_fn = PackCollator(model_config) if data_cfg.packing else PadCollator(processor.tokenizer.pad_token_id)
@@ -92,7 +93,7 @@ def resolve_synthetic_data(data_cfg, output_dir) -> None:
     `synthetic:colour_questions` (the GRPO demo: colour questions only, rightly labelled): write the
     generated dataset under `output_dir/data` and point `data.train_path`, `data.eval_path` and
     `data.image_folder` at it (in place). Call it on one process first (the files are deterministic)."""
-    if not data_cfg.is_synthetic():
+    if not (isinstance(data_cfg.train_path, str) and data_cfg.train_path.startswith("synthetic:")):
         return
     from vltrain.synthetic import write_shape_classes, write_shape_pairs, write_shapes_dataset
 

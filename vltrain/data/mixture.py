@@ -37,6 +37,13 @@ import random
 from pathlib import Path
 
 
+def train_files(train_path: str | list[str]) -> list[str]:
+    """`data.train_path` as a list of files ([] when unset)."""
+    if isinstance(train_path, str):
+        return [train_path] if train_path else []
+    return list(train_path)
+
+
 def check_mixture_config(train_path, weights) -> None:
     """ValueError naming the field (and the file) when `data.train_path` / `data.weights` cannot mean a mixture."""
     paths = [train_path] if isinstance(train_path, str) else list(train_path)
