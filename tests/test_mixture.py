@@ -93,6 +93,16 @@ def test_config_mistakes_are_one_line_errors_naming_the_field_and_file(overrides
     assert "\n" not in message and all(w in message for w in words), message
 
 
+def test_a_trained_data_section_with_weights_rebuilds_with_another_path():
+    """vltrain.predict / vltrain.inference rebuild the exported run's data section with train_path "" or the file
+    to predict on, keeping its weights (unused there): that must load; a training config must not."""
+    trained = {"train_path": ["a.json", "b.json"], "weights": [0.7, 0.3], "num_workers": 0}
+    for path in ("", "predict_me.jsonl"):
+        assert from_dict(DataConfig, {**trained, "train_path": path}, "data").weights == [0.7, 0.3]
+    with pytest.raises(ValueError, match="data.weights"):
+        load_config(SFTConfig, None, ["data.train_path=predict_me.jsonl", "data.weights=[0.7,0.3]"])
+
+
 def test_a_missing_listed_file_fails_in_open_run_before_any_model_loads(tmp_path, monkeypatch):
     import recipes.sft
 

@@ -263,6 +263,9 @@ class SFTConfig:
         for section in (self.model, self.data, self.trainable, self.optim, self.train):
             section.validate()
         self.lora.validate(self.trainable)
+        from vltrain.data.mixture import check_weights_match_files
+
+        check_weights_match_files(self.data.train_path, self.data.weights)
         synthetic = self.data.is_synthetic()  # the demo generates its eval split
         for name in ("eval_every", "eval_exact_match"):
             if getattr(self.train, name) and not (self.data.eval_path or synthetic):

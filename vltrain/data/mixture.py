@@ -24,10 +24,11 @@ sees the straight run's order. `MixtureSampler` yields it for plain micro-batche
 shuffle (vltrain.data.packing.TokenBudgetBatchSampler `order=`). Weights shape training only: an unshuffled
 loader (evaluation) reads every record once.
 
-Config mistakes (weights without several files, a count that differs from the files', negative or all-zero
-weights, a `synthetic:*` name in a list, a file listed twice) are ValueErrors at config load
-(`check_mixture_config`, called by DataConfig.validate); a missing file is one in `open_run`
-(`check_train_files`), before any model loads.
+Config mistakes are ValueErrors at config load: negative or all-zero weights, a `synthetic:*` name in a list,
+a file listed twice (`check_mixture_config`, DataConfig.validate); weights without several files or a count
+that differs from the files' (`check_weights_match_files`, SFTConfig.validate: a training config's check,
+since prediction rebuilds a trained data section with its own path). A missing file is one in `open_run`
+(`check_train_files`). All come before any model loads.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def train_files(train_path: str | list[str]) -> list[str]:
 
 
 def check_mixture_config(train_path, weights) -> None:
-    """ValueError naming the field (and the file) when `data.train_path` / `data.weights` cannot mean a mixture."""
-    paths = [train_path] if isinstance(train_path, str) else list(train_path)
+    """ValueError naming the field (and the file) when `data.train_path` / `data.weights` cannot mean a mixture:
+    a bad list of files, or weights that are not numbers >= 0 with one above 0 (DataConfig.validate)."""
+    paths = train_files(train_path)
     if not isinstance(train_path, str):
         if not paths:
             raise ValueError("data.train_path is an empty list: give one file or a list of files")
@@ -61,18 +63,28 @@ def check_mixture_config(train_path, weights) -> None:
                                  "value instead)")
     if weights is None:
         return
-    if len(paths) < 2:
-        raise ValueError(f"data.weights mixes several files, but data.train_path names one ({paths[0]!r}): "
-                         "list the files, or drop data.weights")
-    if len(weights) != len(paths):
-        raise ValueError(f"data.weights has {len(weights)} values for the {len(paths)} files of data.train_path "
-                         f"({', '.join(paths)})")
-    for i, (path, weight) in enumerate(zip(paths, weights)):
+    for i, weight in enumerate(weights):
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"data.weights[{i}]={weight} (for {path!r}) must be a finite number >= 0")
+            raise ValueError(f"data.weights[{i}]={weight}" + (f" (for {paths[i]!r})" if i < len(paths) else "")
+                             + " must be a finite number >= 0")
     if not any(weights):
         raise ValueError(f"data.weights are all 0: at least one file of data.train_path ({', '.join(paths)}) "
                          "must be drawn")
+
+
+def check_weights_match_files(train_path, weights) -> None:
+    """ValueError naming the fields when `data.weights` is set but does not give one weight to each of several
+    train files. A training config's check (SFTConfig.validate), not DataConfig's: prediction and inference
+    rebuild a trained run's data section with a train_path of their own and keep its weights, unused."""
+    if weights is None:
+        return
+    paths = train_files(train_path)
+    if len(paths) < 2:
+        raise ValueError(f"data.weights mixes several files, but data.train_path names "
+                         f"{repr(paths[0]) if paths else 'none'}: list the files, or drop data.weights")
+    if len(weights) != len(paths):
+        raise ValueError(f"data.weights has {len(weights)} values for the {len(paths)} files of data.train_path "
+                         f"({', '.join(paths)})")
 
 
 def check_train_files(data_cfg) -> list[str]:
