@@ -222,9 +222,15 @@ def test_same_grids_build_nothing_new_and_the_same_grid_tensor_reads_nothing():
     with SyncCounter() as syncs:
         visual(pixels, grid_thw=grid)  # the same grid tensor (a tower re-run): not even read
     assert syncs.count == 0
+    grid[-1, 0] = 2  # written in place (2 of the video's 4 temporal groups): read again, new positions
+    fewer_frames = pixels[: int(grid.prod(-1).sum())]
+    with SyncCounter() as syncs:
+        visual(fewer_frames, grid_thw=grid)
+    assert syncs.events == ["Tensor.tolist"] and vision_positions._HOST.misses == host + 1
+    grid[-1, 0] = 4
     smaller = grid[:2].clone()
     visual(pixels[: int(smaller.prod(-1).sum())], grid_thw=smaller)
-    assert (vision_positions._HOST.misses, vision_positions._DEVICE.misses) == (host + 1, device + 1)
+    assert (vision_positions._HOST.misses, vision_positions._DEVICE.misses) == (host + 2, device + 2)
 
 
 # --- the whole model on a real SFT batch ---------------------------------------------------------------------

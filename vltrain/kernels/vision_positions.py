@@ -11,8 +11,8 @@ repeats, `.item()` for the longest segment, Qwen2.5-VL's window loop and `unique
   longest window;
 - Qwen3-VL / Qwen3.5: `interp_indices`, `interp_weights` (N, 4): the bilinear resampling of the learned
   position-embedding grid to each image's grid.
-The patched forward reads `grid_thw` once (`grid_thw.tolist()`, cached by tensor identity: a second call
-with the same grid tensor reads nothing), builds all of the above with numpy on the host -- cached per
+The patched forward reads `grid_thw` once (`grid_thw.tolist()`, cached by tensor identity and in-place
+version: a second call with the same, unmodified grid tensor reads nothing), builds all of the above with numpy on the host -- cached per
 distinct grid list, since the same grids come back step after step -- copies each tensor to the device
 once per grid list (from pinned memory, non-blocking, when the device is CUDA) and calls the tower's own
 forward with them: transformers 5.24's vision towers take exactly these precomputed tensors as keyword
@@ -48,7 +48,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vltrain.attention import TensorKeyedCache
 from vltrain.families import family_spec, get_module
 
 
@@ -236,7 +235,24 @@ def _read_grids(grid_thw: torch.Tensor) -> Grids:
     return tuple(tuple(int(v) for v in row) for row in grid_thw.tolist())  # the one device -> host read
 
 
-_GRIDS = TensorKeyedCache(_read_grids, size=4)  # a tower forward re-run on the same grid tensor reads nothing
+class _GridReads:
+    """The grid list of the last `size` grid tensors, by identity and in-place version: a tower forward
+    re-run on the same, unmodified grid tensor (an outer activation checkpoint) reads nothing."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []
+
+    def get(self, grid_thw: torch.Tensor) -> Grids:
+        for key, version, grids in self.entries:
+            if key is grid_thw and version == grid_thw._version:
+                return grids
+        grids = _read_grids(grid_thw)
+        self.entries = [e for e in self.entries if e[0] is not grid_thw][-(self.size - 1):]
+        self.entries.append((grid_thw, grid_thw._version, grids))
+        return grids
+
+
+_GRIDS = _GridReads()
 
 
 def device_inputs(grids: Grids, layout: TowerLayout, device: torch.device) -> dict:
