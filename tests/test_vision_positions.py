@@ -267,7 +267,8 @@ def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels,
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     built = []
     device_inputs = vision_positions.device_inputs
-    monkeypatch.setattr(vision_positions, "device_inputs", lambda grids, *a: built.append(grids) or device_inputs(grids, *a))
+    monkeypatch.setattr(vision_positions, "device_inputs",
+                        lambda grids, *args: built.append(grids) or device_inputs(grids, *args))
     loss, grads = loss_and_grads(patched, batch)
     want = {tuple(map(tuple, batch[key].tolist())) for key in ("image_grid_thw", "video_grid_thw")}
     assert set(built) == want  # the patched tower ran, on the images and on the video
@@ -300,7 +301,8 @@ def test_through_a_peft_wrapper_with_vision_lora():
     from peft import LoraConfig, get_peft_model
 
     stock, patched, processor = stock_and_copy("qwen2_vl")
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)", init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
+                      init_lora_weights=False)
     torch.manual_seed(0)
     stock = get_peft_model(stock, lora)
     torch.manual_seed(0)
@@ -316,7 +318,7 @@ def test_through_a_peft_wrapper_with_vision_lora():
 
 def test_refuses_another_tower_class_and_unknown_families():
     _, qwen3, _ = stock_and_copy("qwen3_vl")
-    with pytest.raises(ValueError, match=r"model\.visual is a Qwen3VLVisionModel, not the Qwen2VisionTransformer.*'qwen2_vl'"):
+    with pytest.raises(ValueError, match=r"model\.visual is a Qwen3VLVisionModel, not the Qwen2Vision.*'qwen2_vl'"):
         patch_vision_positions(qwen3, "qwen2_vl")
     with pytest.raises(ValueError, match="no vision tower is known for model_type 'llava'"):
         patch_vision_positions(qwen3, "llava")
@@ -421,8 +423,8 @@ def test_gpu_bf16_matches_stock_and_runs_without_sync(family):
     patch_vision_positions(patched, family)
     pixels, grid = vision_inputs(processor)
     pixels, grid = pixels.to("cuda", torch.bfloat16), grid.to("cuda")
-    built = vision_positions.device_inputs(tuple(map(tuple, grid.tolist())), visual_of(patched)._vltrain_positions_layout,
-                                           pixels.device)
+    layout = visual_of(patched)._vltrain_positions_layout
+    built = vision_positions.device_inputs(tuple(map(tuple, grid.tolist())), layout, pixels.device)
     assert built["position_ids"].is_cuda and torch.equal(built["position_ids"],
                                                          vision_utils.get_vision_position_ids(grid, 2))
     if "interp_weights" in built:

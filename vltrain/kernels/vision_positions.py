@@ -12,11 +12,12 @@ repeats, `.item()` for the longest segment, Qwen2.5-VL's window loop and `unique
 - Qwen3-VL / Qwen3.5: `interp_indices`, `interp_weights` (N, 4): the bilinear resampling of the learned
   position-embedding grid to each image's grid.
 The patched forward reads `grid_thw` once (`grid_thw.tolist()`, cached by tensor identity and in-place
-version: a second call with the same, unmodified grid tensor reads nothing), builds all of the above with numpy on the host -- cached per
-distinct grid list, since the same grids come back step after step -- copies each tensor to the device
-once per grid list (from pinned memory, non-blocking, when the device is CUDA) and calls the tower's own
-forward with them: transformers 5.24's vision towers take exactly these precomputed tensors as keyword
-arguments (`transformers.vision_utils`: each `get_vision_*` pops its key when given). Everything computed
+version: a second call with the same, unmodified grid tensor reads nothing), builds all of the above with
+numpy on the host -- cached per distinct grid list (the last 64), since the same grids come back step after
+step -- copies each tensor to the device once per grid list (the last 16 kept there; from pinned memory,
+non-blocking, when the device is CUDA) and calls the tower's own forward with them: transformers 5.24's
+vision towers take exactly these precomputed tensors as keyword arguments (`transformers.vision_utils`:
+each `get_vision_*` pops its key when given). Everything computed
 from them on the device -- the rotary cos/sin from `inv_freq`, the window permutation and its inverse,
 the position-embedding gather and weighted sum, the blocks, the merger and DeepStack -- is the stock code.
 `max_seqlen` (and Qwen2.5-VL's `max_window_seqlen`) come from the host values, so the blocks receive
@@ -31,8 +32,11 @@ forward really consumes them (outputs equal to the stock forward's, blocks recei
 `max_seqlen`, no read of `grid_thw` beyond the patched one); a class that no longer does is refused with
 a ValueError naming the model_type, as is a tower of another class or an unsupported interpolation mode.
 
-`SyncCounter` counts, on any device, the ops that force a device -> host read on CUDA (the tests and the
-benchmarks use it; on CPU, where nothing syncs, it counts what would).
+Not covered: the reads outside the tower (the model's `get_image_features` splitting the features per
+image, the mRoPE index), and the per-block reads of the stock sdpa attention named above.
+
+`SyncCounter` counts, on any device, the ops that force a device -> host read on CUDA (the tests use it;
+on CPU, where nothing syncs, it counts what would -- including a few reads of CPU tensors in stock code).
 """
 
 from __future__ import annotations
@@ -447,7 +451,8 @@ def verify_tower(model_type: str, visual) -> None:
             raise ValueError(f"{where}.forward no longer runs with the precomputed keyword arguments "
                              f"({type(err).__name__}: {err}); not patching") from err
     outputs = [(want.last_hidden_state, got.last_hidden_state), (want.pooler_output, got.pooler_output)]
-    outputs += list(zip(getattr(want, "deepstack_features", None) or [], getattr(got, "deepstack_features", None) or []))
+    outputs += list(zip(getattr(want, "deepstack_features", None) or [],
+                        getattr(got, "deepstack_features", None) or []))
     if not all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in outputs):
         raise ValueError(f"{where}.forward gives other outputs with the host-built tensors; not patching")
     if syncs.count > 1:
