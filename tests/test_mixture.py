@@ -316,3 +316,27 @@ def test_dpo_reference_cache_hashes_every_listed_file_and_weights_refuse_what_ne
     with pytest.raises(ValueError, match="cls.balanced_sampler .* data.weights"):
         load_config(CLSConfig, None, [f"data.train_path=[{a},{b}]", "data.weights=[1,1]", "cls.num_labels=2",
                                       "cls.balanced_sampler=true"])
+
+
+def test_sft_run_on_a_weighted_mixture_resumed_mid_epoch_gives_the_straight_losses(tmp_path, one_thread):
+    """12 draws of 4 per micro-batch: 3 steps per epoch; resumed from the checkpoint of step 4 (one micro-batch into
+    epoch 1), step 5 trains on the straight run's batch and gives its loss."""
+    import shutil
+
+    from recipes.sft import main
+    from vltrain.checkpoint import checkpoint_dirs
+
+    a = _write(tmp_path / "a.json", _text_records("a", 8))
+    b = _write(tmp_path / "b.json", _text_records("b", 4))
+    cfg = sft_config(tmp_path, "qwen2_vl", a, **{"data.train_path": f"[{a},{b}]", "data.weights": "[1,2]",
+                                                 "train.micro_batch_size": 4, "train.max_steps": 5,
+                                                 "train.save_every": 4, "data.max_seq_length": 128})
+    straight = main(cfg)["losses"]
+    assert len(straight) == 5
+    final = checkpoint_dirs(cfg.train.output_dir)[-1]
+    assert final.name == "step_000005"
+    shutil.rmtree(final)  # as if stopped after step 4
+    cfg.train.resume = "auto"
+    resumed = main(cfg)
+    assert resumed["losses"] == straight, (straight, resumed["losses"])
+    assert final.is_dir()  # step 5 trained anew
