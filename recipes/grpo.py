@@ -21,7 +21,7 @@ from vltrain.config import GRPOConfig
 from vltrain.data.loader import build_loader
 from vltrain.data.media import MediaOptions
 from vltrain.data.prompts import PromptDataset, collate_prompts, load_prompts
-from vltrain.rewards import load_rewards
+from vltrain.rewards import check_reward_fields, load_rewards
 from vltrain.run import finish_run, open_run, parse_config, run_recipe, start_run
 from vltrain.tracking import print0
 
@@ -31,8 +31,11 @@ def setup(argv: list[str]) -> GRPOConfig:
 
 
 def main(cfg: GRPOConfig) -> dict:
-    rewards = load_rewards(cfg.grpo.rewards, cfg.grpo.reward_weights)  # a bad reward file fails first
+    rewards = load_rewards(cfg.grpo.rewards, cfg.grpo.reward_weights, timeout=cfg.grpo.reward_timeout)  # fails first
     accelerator, records = open_run(cfg, load_prompts)  # every record checked before the model loads
+    for split, convs in records.items():  # a reward needing a field no record has: before the model loads
+        check_reward_fields(rewards, {key for conv in convs for key in conv.extra},
+                            f"data.{split}_path ({cfg.data.train_path if split == 'train' else cfg.data.eval_path})")
     data = cfg.data
     ensure_sft_export(accelerator, cfg.grpo.init_from_sft, cfg.model.name_or_path)
     start_run(accelerator, cfg, "grpo")

@@ -29,13 +29,26 @@ Relative paths resolve against the current directory; each file is imported once
 function's name (logged as rewards/<name>/mean, /std, /none_frac); two rewards with one name are an error.
 `grpo.reward_weights` has one weight per loaded reward (a whole-file spec counts as its functions), default 1.0.
 
-`compute_rewards` calls the sync rewards one after the other in the calling thread, then runs the async ones
-together on one asyncio event loop (`asyncio.run`, a fresh loop per call). When the calling thread already
-runs an event loop (a notebook), that loop cannot be re-entered, so the async rewards run on a fresh loop in a
-helper thread and the call blocks until they finish: they must not need the caller's loop. Every output is
-checked: a list (or tuple, 1-D tensor / array) of N values, each None or a finite real number (a Python or
-numpy number, a one-element tensor); anything else, or an exception inside a reward, is a `RewardError`
-naming the file, the function and the step.
+`compute_rewards` calls the sync rewards one after the other, then runs the async ones together on one asyncio
+event loop (`asyncio.run`, a fresh loop per call). When the calling thread already runs an event loop (a
+notebook), that loop cannot be re-entered, so the async rewards run on a fresh loop in a helper thread and the
+call blocks until they finish: they must not need the caller's loop. Every output is checked: a list (or tuple,
+1-D tensor / array) of N values, each None or a finite real number (a Python or numpy number, a one-element
+tensor); anything else, or an exception inside a reward, is a `RewardError` naming the file, the function and
+the step.
+
+A per-call time limit (`grpo.reward_timeout` seconds, `load_rewards(..., timeout=)`; None or 0: none) turns a
+reward that hangs into a `RewardError` naming file, function, step and the limit, which ends the run:
+- a sync reward from a user's file then runs in a worker thread (a daemon, so the process can still exit) that
+  the caller waits for. Python cannot kill a thread: a hung call keeps running, its result is thrown away,
+  and whatever it holds (a socket, a lock, a GPU tensor) stays held until the process exits. Code that needs
+  the main thread (`signal.alarm`, signal handlers) cannot run in that thread: set the limit to 0 for such a
+  reward, which is then called in the calling thread. The built-ins always run in the calling thread.
+- an async reward's task is cancelled at the limit. One that blocks its event loop (a sync `time.sleep`
+  inside `async def`) cannot be cancelled: the loop runs in a daemon helper thread, which the caller stops
+  waiting for after the longest limit (plus one second), naming every async reward that had not finished.
+
+Reward files are code the user chose to run: importing one runs it, with the training process's rights.
 """
 
 from __future__ import annotations
@@ -55,10 +68,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Reward", "RewardError", "load_rewards", "compute_rewards", "total_reward", "reward_stats",
-           "accuracy", "format_reward", "BUILTINS", "completion_text"]
+__all__ = ["Reward", "RewardError", "load_rewards", "check_reward_fields", "compute_rewards", "total_reward",
+           "reward_stats", "accuracy", "format_reward", "BUILTINS", "completion_text"]
 
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+_ALWAYS = (*_RESERVED, "assistant")  # the keywords every call passes (the reference answer may be None)
 
 
 @dataclass
@@ -67,6 +81,7 @@ class Reward:
     fn: Callable  # sync or async
     weight: float
     source: str  # the file path, or "builtin"
+    timeout: float | None = None  # seconds one call may take (None: no limit); see the module docstring
 
     def where(self) -> str:
         return f"reward '{self.name}' ({self.source})"
@@ -143,9 +158,14 @@ def _file_rewards(path: Path, func_name: str | None) -> list[tuple[str, Callable
     return found
 
 
-def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[Reward]:
+def load_rewards(specs: list[str], weights: list[float] | None = None, *, timeout: float | None = None) -> list[Reward]:
     """Resolve `grpo.rewards` specs (see the module docstring) into Rewards weighted by `grpo.reward_weights`:
-    one weight per loaded reward, in load order, or None for 1.0 each."""
+    one weight per loaded reward, in load order, or None for 1.0 each. `timeout` (`grpo.reward_timeout`): the
+    seconds one call of each reward may take (None or 0: no limit)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not timeout >= 0):
+        raise ValueError(f"grpo.reward_timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}")
+    timeout = float(timeout) if timeout else None
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
@@ -190,8 +210,48 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
                              f"number") from None
         if not math.isfinite(weight):
             raise ValueError(f"grpo.reward_weights: weight {weight} of reward '{name}' ({source}) is not finite")
-        rewards.append(Reward(name=name, fn=fn, weight=weight, source=source))
+        reward = Reward(name=name, fn=fn, weight=weight, source=source, timeout=timeout)
+        _check_signature(reward, None)
+        rewards.append(reward)
     return rewards
+
+
+def _check_signature(reward: Reward, fields: set[str] | None, where: str = "") -> None:
+    """ValueError when `reward.fn` cannot take the keywords it will be called with: the TRL keywords plus the
+    data `fields` (None: not known yet, only the always-passed keywords are checked)."""
+    try:
+        signature = inspect.signature(reward.fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read, its call tells
+        return
+    params = signature.parameters.values()
+    positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if positional_only:
+        raise ValueError(f"grpo.rewards: {reward.where()} takes '{positional_only[0]}' positionally only; rewards are "
+                         f"called with keywords (prompts=, completions=, ...)")
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    passed = set(_ALWAYS) | (fields or set())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        unused = sorted(passed - named)
+        if unused:
+            raise ValueError(f"grpo.rewards: {reward.where()} has no **kwargs but is called with every keyword, "
+                             f"{', '.join(unused)} among them: add **kwargs to its signature")
+    if fields is None:
+        return
+    required = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is p.empty and p.name not in passed]
+    if required:
+        have = ", ".join(sorted(passed - set(_RESERVED)))
+        raise ValueError(f"grpo.rewards: {reward.where()} needs the data field '{required[0]}', which no record of "
+                         f"{where or 'the data'} has (the fields it gets: {have}); add it to the records or give the "
+                         f"parameter a default")
+
+
+def check_reward_fields(rewards: list[Reward], fields, where: str = "") -> None:
+    """Before the model loads: ValueError (one line, naming the reward, its file and the field) when a reward
+    needs a data field that no record has, or has no **kwargs for the fields it would get. `fields`: the
+    records' extra top-level keys (`Conversation.extra`); `where`: the data file, for the message."""
+    for reward in rewards:
+        _check_signature(reward, set(fields), where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +270,8 @@ def _check_output(reward: Reward, output, num: int, step: int) -> list[float | N
                               f"{num} values")
         output = output.tolist()
     if not isinstance(output, (list, tuple)):
-        raise RewardError(f"{where}: returned a {type(output).__name__}, expected a list of {num} values "
+        what = "None" if output is None else f"a {type(output).__name__}"
+        raise RewardError(f"{where}: returned {what}, expected a list of {num} values "
                           f"(one float or None per completion)")
     if len(output) != num:
         raise RewardError(f"{where}: returned {len(output)} values for {num} completions")
@@ -231,22 +292,77 @@ def _check_output(reward: Reward, output, num: int, step: int) -> list[float | N
     return values
 
 
-async def _gather(coroutines: list):
-    return await asyncio.gather(*coroutines, return_exceptions=True)
+def _timeout_message(reward: Reward, step: int, what: str = "did not return") -> str:
+    return (f"grpo.rewards: {reward.where()} {what} within {reward.timeout:g} s at step {step} "
+            f"(grpo.reward_timeout; a hung call cannot be stopped and keeps running in a background thread)")
 
 
-def _run_coroutines(coroutines: list) -> list:
+def _call(reward: Reward, kwargs: dict):
+    """`reward.fn(**kwargs)`: in the calling thread, or for a user's reward with a time limit in a daemon worker
+    thread waited for `reward.timeout` seconds (returns _TIMED_OUT when it has not returned by then)."""
+    if reward.timeout is None or reward.source == "builtin" or inspect.iscoroutinefunction(reward.fn):
+        return reward.fn(**kwargs)  # an async function only builds its coroutine here: limited when it runs
+    box: dict = {}
+
+    def target():
+        try:
+            box["output"] = reward.fn(**kwargs)
+        except BaseException as error:  # noqa: BLE001 -- handed to the calling thread, which raises it
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name=f"vltrain-reward-{reward.name}", daemon=True)
+    thread.start()
+    thread.join(reward.timeout)
+    if thread.is_alive():
+        return _TIMED_OUT
+    if "error" in box:
+        raise box["error"]
+    return box["output"]
+
+
+_TIMED_OUT = object()  # what a reward "returned" when it ran past its time limit
+
+
+async def _gather(awaitables: list, timeouts: list[float | None], finished: set[int]) -> list:
+    """Each awaitable's result or exception (or _TIMED_OUT past its limit: cancelled), run together; `finished`
+    collects the indices that ended, so a caller that stops waiting can name the others."""
+    async def one(i: int, awaitable, timeout: float | None):
+        task = asyncio.ensure_future(awaitable)
+        try:
+            if timeout is None:
+                return await task
+            # asyncio.wait, not wait_for: a TimeoutError raised by the reward itself stays the reward's error
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                return _TIMED_OUT
+            return task.result()
+        finally:
+            finished.add(i)
+
+    return await asyncio.gather(*(one(i, a, t) for i, (a, t) in enumerate(zip(awaitables, timeouts))),
+                                return_exceptions=True)
+
+
+def _run_coroutines(awaitables: list, timeouts: list[float | None]) -> tuple[list | None, set[int]]:
+    """(results in order, or None when the event loop itself did not finish in time; the finished indices)."""
+    finished: set[int] = set()
+    limits = [t for t in timeouts if t is not None]
     try:
         asyncio.get_running_loop()
-    except RuntimeError:  # no loop in this thread: the usual case (a training loop)
-        return asyncio.run(_gather(coroutines))
-    # A loop runs in this thread (a notebook): it cannot be re-entered, so run a fresh one in a helper thread.
+        in_loop = True  # a loop runs in this thread (a notebook): it cannot be re-entered
+    except RuntimeError:
+        in_loop = False  # the usual case (a training loop)
+    if not in_loop and not limits:
+        return asyncio.run(_gather(awaitables, timeouts, finished)), finished
+    # A fresh loop in a daemon helper thread: re-entry is avoided, and with limits a reward that blocks the loop
+    # (a sync sleep in an async def, a task that ignores its cancellation) cannot block the caller past them.
     box: list = []
-    thread = threading.Thread(target=lambda: box.append(asyncio.run(_gather(coroutines))),
+    thread = threading.Thread(target=lambda: box.append(asyncio.run(_gather(awaitables, timeouts, finished))),
                               name="vltrain-rewards", daemon=True)
     thread.start()
-    thread.join()
-    return box[0]
+    thread.join(max(limits) + 1.0 if limits else None)
+    return (box[0] if box else None), finished
 
 
 def compute_rewards(rewards: list[Reward], *, prompts, completions, completion_ids, columns: dict[str, list],
@@ -254,8 +370,8 @@ def compute_rewards(rewards: list[Reward], *, prompts, completions, completion_i
     """Call every reward on N completions; returns name -> N values (float or None), in `rewards` order.
 
     `columns` maps each record field (the reference answer as "assistant") to N values. Raises RewardError
-    (one line, naming file, function and step) for a reward that raises or returns a wrong value, ValueError
-    for inputs of different lengths or a column named like one of TRL's keywords."""
+    (one line, naming file, function and step) for a reward that raises, returns a wrong value or runs past its
+    `timeout`, ValueError for inputs of different lengths or a column named like one of TRL's keywords."""
     num = len(completions)
     clashing = sorted(set(columns) & set(_RESERVED))
     if clashing:
@@ -270,10 +386,12 @@ def compute_rewards(rewards: list[Reward], *, prompts, completions, completion_i
     try:
         for reward in rewards:
             try:
-                output = reward.fn(**kwargs, trainer_state={"step": step, **trainer_state})
+                output = _call(reward, {**kwargs, "trainer_state": {"step": step, **trainer_state}})
             except Exception as error:
                 raise RewardError(f"grpo.rewards: {reward.where()} raised at step {step}: "
                                   f"{type(error).__name__}: {_one_line(error)}") from error
+            if output is _TIMED_OUT:
+                raise RewardError(_timeout_message(reward, step))
             if inspect.isawaitable(output):  # async def, an async __call__, a partial of either
                 pending.append((reward, output))
             else:
@@ -284,8 +402,15 @@ def compute_rewards(rewards: list[Reward], *, prompts, completions, completion_i
                 coroutine.close()
         raise
     if pending:
-        outputs = _run_coroutines([coroutine for _, coroutine in pending])
+        outputs, finished = _run_coroutines([coroutine for _, coroutine in pending],
+                                            [reward.timeout for reward, _ in pending])
+        if outputs is None:  # the event loop is blocked: by one of the rewards that had not finished
+            stuck = [reward for i, (reward, _) in enumerate(pending) if i not in finished] or [r for r, _ in pending]
+            raise RewardError(_timeout_message(stuck[0], step, "blocked its event loop (no await) and did not return")
+                              + (f"; also unfinished: {', '.join(r.where() for r in stuck[1:])}" if stuck[1:] else ""))
         for (reward, _), output in zip(pending, outputs):
+            if output is _TIMED_OUT:
+                raise RewardError(_timeout_message(reward, step))
             if isinstance(output, BaseException):
                 if not isinstance(output, Exception):  # KeyboardInterrupt, SystemExit: not the reward's fault
                     raise output
