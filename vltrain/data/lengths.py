@@ -11,13 +11,14 @@ from file headers:
 * text: the conversation rendered by `render_chat` exactly as vltrain.data.encode renders it, each media
   placeholder expanded by the processor's own `replace_image_token` / `replace_video_token` (Qwen3.x's
   `<t seconds>` video blocks included) and the result tokenized: the token ids the processor would give.
-* images: width x height from the file header (`PIL.Image.open` reads only the header), resized by the rule
-  of vltrain.data.media.load_image (`_fit`: smart_resize with data.image_min/max_pixels, or
-  data.image_resized_width/height, in multiples of the family's image_factor) -> grid (1, h/patch, w/patch).
+* images: vltrain.data.media.image_size, the one rule load_image resizes by (width x height from the file header,
+  smart_resize with data.image_min/max_pixels, or data.image_resized_width/height, in multiples of the family's
+  image_factor) -> grid (1, h/patch, w/patch).
 * videos: frame count, frame rate and size from the container (PyAV, no frame decoded; decord's index when
-  VLTRAIN_VIDEO_BACKEND=decord), frame lists / folders from their count and the first frame's header, then
-  media.py's frame sampling (`_sample_indices`) and per-frame sizing (`_video_size`) -> grid
-  (frames / temporal_patch_size, h/patch, w/patch) and the sampled frames' indices (the timestamps).
+  VLTRAIN_VIDEO_BACKEND=decord: media.video_header), frame lists / folders from their count and the first frame's
+  header, then media.py's frame sampling (`sample_frame_indices`, `frame_list_indices`) and per-frame sizing
+  (`video_size`) -> grid (frames / temporal_patch_size, h/patch, w/patch) and the sampled frames' indices
+  (the timestamps).
 * truncation: the encoder's own `_truncate` runs on these token ids, so data.max_seq_length caps the
   estimate exactly where it caps the Example (and a sample the encoder skips is skipped here too).
 
@@ -46,7 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from qwen_vl_utils import vision_process as qvu
 from torch.utils.data import DataLoader, Dataset
 from transformers.video_utils import VideoMetadata
@@ -55,8 +55,8 @@ from vltrain.data.dataset import SFTDataset
 from vltrain.data.encode import (IGNORE_INDEX, SampleSkipped, _truncate, assistant_label_mask, to_chat_messages)
 from vltrain.data.formats import Conversation
 from vltrain.data.labels import ClassificationDataset
-from vltrain.data.media import (FRAME_EXTENSIONS, MediaError, MediaOptions, _fit, _pixel_bounds, _sample_indices,
-                                _video_size, resolve_media_path)
+from vltrain.data.media import (MediaError, MediaOptions, frame_list_indices, frame_paths, image_header_size,
+                                image_size, resolve_media_path, sample_frame_indices, video_header, video_size)
 from vltrain.data.packing import example_length
 from vltrain.data.pairs import PairDataset, unusable_reason
 from vltrain.data.template import render_chat
@@ -90,79 +90,19 @@ def _local_path(ref: str) -> str:
     return path
 
 
-def _header_size(path: str) -> tuple[int, int]:
-    """(height, width) from the image header; no pixel decoded."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Exception as e:
-        raise Unmeasurable(f"{path}: {e}") from e
-    return height, width
-
-
-def image_size(ref: str, opts: MediaOptions) -> tuple[int, int]:
-    """(height, width) the data layer resizes image `ref` (a local path) to: media.load_image's rule."""
-    factor = opts.image_factor
-    height, width = _header_size(_local_path(ref))  # also with a fixed size: a file the loader cannot open is skipped
-    if opts.image_resized_width is not None and opts.image_resized_height is not None:
-        return _fit(ref, opts.image_resized_height, opts.image_resized_width, factor)
-    bounds = _pixel_bounds(opts.image_min_pixels, opts.image_max_pixels, qvu.IMAGE_MIN_TOKEN_NUM * factor**2)
-    return _fit(ref, height, width, factor, **bounds)
-
-
-def _video_file_header(path: str) -> tuple[int, float, int, int]:
-    """(frames, fps, height, width) of a video file's first video stream, as media._decode_* read them."""
-    try:
-        import av
-
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise Unmeasurable(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            height, width = stream.codec_context.height, stream.codec_context.width
-            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # demuxing decodes nothing
-        if os.environ.get("VLTRAIN_VIDEO_BACKEND", "pyav") == "decord":  # its own frame count and rate
-            import decord
-
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-            total, fps = len(reader), float(reader.get_avg_fps())
-    except Unmeasurable:
-        raise
-    except Exception as e:
-        raise Unmeasurable(f"{path}: {e}") from e
-    if fps <= 0 or not height or not width:
-        raise Unmeasurable(f"{path}: no frame rate or size in the header")
-    return total, fps, height, width
-
-
-def _frame_list(ref) -> list[str]:
-    if isinstance(ref, (list, tuple)):
-        return list(ref)
-    natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # as media._load_frame_list
-    names = sorted((f for f in os.listdir(ref) if f.lower().endswith(FRAME_EXTENSIONS)), key=natural)
-    return [os.path.join(ref, f) for f in names]
-
-
 def video_layout(ref, opts: MediaOptions) -> tuple[int, int, VideoMetadata]:
     """(height, width, metadata with the sampled frames' indices) that media.load_video gives video `ref`."""
     if opts.fps is not None and opts.nframes is not None:
         raise Unmeasurable("fps and nframes both set")  # load_video names the error
     if isinstance(ref, (list, tuple)) or os.path.isdir(ref):
-        paths = _frame_list(ref)
-        if not paths:
-            raise Unmeasurable(f"{ref}: no frames")
-        fps = opts.fps or qvu.FPS
-        total = len(paths)
-        if opts.nframes is not None:
-            indices = _sample_indices(str(ref), total, fps, opts)
-        else:
-            indices = list(range(total)) + [total - 1] * (total % qvu.FRAME_FACTOR)
-        height, width = _header_size(_local_path(paths[indices[0]]))
+        paths = frame_paths(ref)
+        fps, total = opts.fps or qvu.FPS, len(paths)
+        indices = frame_list_indices(str(ref), total, opts)
+        height, width = image_header_size(_local_path(paths[indices[0]]))
     else:
-        total, fps, height, width = _video_file_header(_local_path(ref))
-        indices = _sample_indices(ref, total, fps, opts)
-    height, width = _video_size(ref, height, width, len(indices), opts)
+        total, fps, height, width = video_header(_local_path(ref))
+        indices = sample_frame_indices(ref, total, fps, opts)
+    height, width = video_size(ref, height, width, len(indices), opts)
     metadata = VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps, frames_indices=indices,
                              width=width, height=height)
     return height, width, metadata
@@ -174,7 +114,7 @@ def _media_replacements(conv: Conversation, processor, media: MediaOptions, imag
         patch = processor.image_processor.patch_size
         grids = []
         for ref in conv.images:
-            height, width = image_size(resolve_media_path(ref, image_folder), media)
+            height, width = image_size(_local_path(resolve_media_path(ref, image_folder)), media)
             grids.append([1, height // patch, width // patch])
         images = [processor.replace_image_token({"image_grid_thw": torch.tensor(grids)}, i) for i in range(len(grids))]
         videos = []
@@ -190,7 +130,7 @@ def _media_replacements(conv: Conversation, processor, media: MediaOptions, imag
                 metadata.append(meta)
             inputs = {"video_grid_thw": torch.tensor(grids), "video_metadata": metadata}
             videos = [processor.replace_video_token(inputs, i) for i in range(len(grids))]
-    except MediaError as e:  # a size the resize rule refuses: the encoder reports it
+    except MediaError as e:  # unreadable, too large, a size the resize rule refuses: the encoder reports it
         raise Unmeasurable(str(e)) from e
     return images, videos
 
