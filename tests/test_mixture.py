@@ -340,3 +340,23 @@ def test_sft_run_on_a_weighted_mixture_resumed_mid_epoch_gives_the_straight_loss
     resumed = main(cfg)
     assert resumed["losses"] == straight, (straight, resumed["losses"])
     assert final.is_dir()  # step 5 trained anew
+
+
+def test_dpo_recipe_on_two_concatenated_pair_files_with_precomputed_reference(tmp_path, one_thread):
+    from recipes.dpo import main
+    from vltrain.config import DPOConfig
+
+    def pairs(prefix, n):
+        return [{"id": f"{prefix}{i}", "prompt": f"Say {prefix} {i}.", "chosen": f"{prefix} {i}", "rejected": "no"}
+                for i in range(n)]
+
+    a = _write(tmp_path / "a.json", pairs("a", 3))
+    b = _write(tmp_path / "b.jsonl", pairs("b", 3), jsonl=True)
+    overrides = {"model.name_or_path": "tiny:qwen2_vl", "model.dtype": "float32", "model.attn_implementation": "sdpa",
+                 "data.train_path": f"[{a},{b}]", "data.num_workers": 0, "data.max_seq_length": 128,
+                 "dpo.precompute_ref_log_probs": "true", "train.output_dir": str(tmp_path / "out"),
+                 "train.report_to": "none", "train.max_steps": 3, "train.micro_batch_size": 2}
+    summary = main(load_config(DPOConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
+    assert summary["steps"] == 3
+    cache = list((tmp_path / "out" / "ref_logps").glob("train-a+b-*.json"))
+    assert len(cache) == 1 and set(json.loads(cache[0].read_text())["logps"]) == {"a0", "a1", "a2", "b0", "b1", "b2"}
