@@ -188,6 +188,26 @@ def _slices(items: list, count: int) -> list[list]:
     return [items[i * size:(i + 1) * size] for i in range(count)]
 
 
+def start_completions_log(path: Path, resumed_step: int) -> None:
+    """completions.jsonl for a run starting at `resumed_step` (0: a fresh run, the file starts empty): a resumed
+    run keeps the whole lines of steps <= resumed_step (the steps after it are done again) and drops a line cut
+    by a kill. Rewritten through a temporary file and a rename, so a kill here never leaves half a log."""
+    kept = []
+    if resumed_step and path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= resumed_step:
+                kept.append(line + "\n")
+    if not kept and not path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def _log_completions(path: Path, step: int, prompts, generations, values, advantages, num_generations, limit: int):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -223,6 +243,8 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
     pad = processor.tokenizer.pad_token_id
     temperature = grpo_cfg.temperature
     log_path = Path(tcfg.output_dir) / "completions.jsonl"
+    if accelerator.is_main_process:
+        start_completions_log(log_path, state.step)
     result = GRPOResult(step=state.step, model=model, reference=reference if grpo_cfg.beta > 0 else None)
     if eval_prompts and state.step == 0:
         result.eval_rewards.append((0, evaluate_rewards(accelerator, model, processor, eval_prompts, rewards, grpo_cfg, 0)))

@@ -67,7 +67,7 @@ def test_adapter_checkpoint_holds_no_frozen_weights_and_sizes(tmp_path, image_da
     keys = _keys(lora_ckpt)
     assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:5]
     assert len(_keys(full_ckpt)) > len(keys)
-    for name in ("optimizer.bin", "scheduler_vltrain.pt", "trainer_state.json", COMPLETE):
+    for name in ("optimizer.bin", "scheduler.json", "trainer_state.json", COMPLETE):
         assert (lora_ckpt / name).is_file(), name
     assert list(lora_ckpt.glob("random_states_*.pkl"))
     state = json.loads((lora_ckpt / "trainer_state.json").read_text())

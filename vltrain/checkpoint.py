@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoints/step_XXXXXX/`:
   model.safetensors       the *trainable* parameters only (LoRA: adapters + fully trained modules;
                           frozen base weights come from the base model at resume)
   optimizer.bin, random_states_*.pkl, (sampler.bin)   accelerate's state: optimizer, RNG of every rank
-  scheduler_vltrain.pt    the LR schedule
+  scheduler.json          the LR schedule's state_dict (plain numbers: our LambdaLR's lambdas are closures,
+                          saved as None, so nothing needs pickle)
   trainer_state.json      step, epoch, next_batch (the data position)
   COMPLETE                written last
 It is written under `step_XXXXXX.tmp` and renamed by the main process before the marker is written
@@ -18,11 +19,20 @@ An export is `save_pretrained` weights (safetensors) + processor + the resolved 
 model: `adapter/` (peft's folder, loadable with `PeftModel.from_pretrained`) and, with
 `lora.merge_on_export`, `merged/` -- the base in the training dtype with the adapter merged in.
 
+Loading unpickles nothing of ours; accelerate loads its own files (optimizer.bin, random_states_*.pkl,
+sampler.bin) with `torch.load(weights_only=True)` (accelerate >= 1.x: its `load` defaults to it and allows
+only numpy's RNG types beyond tensors), which is as safe as a pickle-format file can be loaded. Checkpoints of
+older vltrain versions hold `scheduler_vltrain.pt`: read with `weights_only=True` too.
+
+A save that hits a full disk (ENOSPC) removes its own `.tmp` folder and raises `DiskFullError` (one line: the
+folder and the free space); the previous checkpoints are untouched, so the run resumes from the newest.
+
 `VLTRAIN_SAVE_SLEEP=<seconds>` sleeps inside a save, between writing and renaming (for kill tests).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,6 +47,8 @@ from vltrain.config import dump_config
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
+SCHEDULER_FILE = "scheduler.json"
+LEGACY_SCHEDULER_FILE = "scheduler_vltrain.pt"  # pickled by vltrain before the JSON file
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE = "model.safetensors"  # accelerate's name for the first prepared model's weights
 
@@ -60,7 +72,12 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            from vltrain.tracking import print0
+
+            print0(f"train.resume=auto: no complete checkpoint in {Path(output_dir) / 'checkpoints'}; starting at step 0")
+        return found
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise ValueError(f"train.resume={resume!r} is not a complete checkpoint (no {COMPLETE} marker)")
@@ -84,6 +101,28 @@ def _register_hooks(accelerator) -> None:
         accelerator._vltrain_ckpt_hooks = True
 
 
+class DiskFullError(OSError, ValueError):
+    """A checkpoint could not be written: the disk is full. An OSError (ENOSPC); also a ValueError, so the
+    recipes' one-line error handler (vltrain.run.run_recipe) reports it without a traceback."""
+
+
+def _disk_full(error: OSError, folder: Path) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(errno.ENOSPC, f"disk full while writing checkpoint {folder} ({free}); the torn folder was "
+                                       f"removed and the previous checkpoints are intact: free space (or set "
+                                       f"train.output_dir elsewhere) and resume with train.resume=auto "
+                                       f"[{error.strerror or error}]")
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    from vltrain.faults import _max_over_ranks
+
+    return bool(_max_over_ranks(accelerator, 1.0 if flag else 0.0))
+
+
 def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state: dict, keep_last: int) -> Path:
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -96,16 +135,33 @@ def save_checkpoint(accelerator, output_dir, step: int, scheduler, trainer_state
     accelerator.wait_for_everyone()
     # DeepSpeed writes its own engine checkpoint; leave frozen (base) weights out of it too.
     kwargs = {"exclude_frozen_parameters": True} if accelerator.distributed_type == "DEEPSPEED" else {}
-    accelerator.save_state(str(tmp), **kwargs)
-    accelerator.wait_for_everyone()  # every rank writes into tmp (RNG states; DeepSpeed's shards) before the rename
+    full: OSError | None = None
+    try:
+        accelerator.save_state(str(tmp), **kwargs)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        full = e
+    # every rank writes into tmp (RNG states; DeepSpeed's shards) before the rename; a full disk on any rank
+    # stops every rank (collective, instead of leaving the others in the next barrier)
+    if _any_rank(accelerator, full is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full(full or OSError(errno.ENOSPC, "on another rank"), tmp)
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler_vltrain.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        try:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_full(e, tmp) from None
         if os.environ.get("VLTRAIN_SAVE_SLEEP"):
             time.sleep(float(os.environ["VLTRAIN_SAVE_SLEEP"]))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (final / COMPLETE).write_text("ok\n")
+        (final / COMPLETE).write_text("ok\n")  # an empty file would do: even a full disk has room for its inode
         for old in checkpoint_dirs(output_dir)[:-keep_last] if keep_last > 0 else []:
             # renamed first: a kill during the rmtree leaves a `.del` folder (swept at the next save), never a
             # `step_N` folder without its COMPLETE marker
@@ -142,9 +198,25 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
     path = Path(path)
     _check_keys(accelerator, path)
     kwargs = {"load_module_strict": False} if accelerator.distributed_type == "DEEPSPEED" else {"strict": False}
-    accelerator.load_state(str(path), **kwargs)
-    scheduler.load_state_dict(torch.load(path / "scheduler_vltrain.pt", weights_only=False))
+    accelerator.load_state(str(path), **kwargs)  # accelerate's files: torch.load(weights_only=True)
+    scheduler.load_state_dict(load_scheduler_state(path))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_scheduler_state(path: Path) -> dict:
+    """The LR schedule's state_dict from checkpoint `path`: `scheduler.json`, or an older checkpoint's
+    `scheduler_vltrain.pt` read without arbitrary unpickling (`weights_only=True`)."""
+    path = Path(path)
+    if (path / SCHEDULER_FILE).is_file():
+        return json.loads((path / SCHEDULER_FILE).read_text())
+    legacy = path / LEGACY_SCHEDULER_FILE
+    if not legacy.is_file():
+        raise ValueError(f"checkpoint {path} has no {SCHEDULER_FILE} (nor an older {LEGACY_SCHEDULER_FILE})")
+    try:
+        return torch.load(legacy, weights_only=True)
+    except Exception as e:  # an UnpicklingError names the refused global
+        raise ValueError(f"{legacy} holds objects that cannot be loaded safely (torch.load weights_only=True: "
+                         f"{str(e).splitlines()[0]}); re-save it with a vltrain that writes {SCHEDULER_FILE}") from None
 
 
 def export_model(accelerator, model, processor, cfg, out_dir: str | Path) -> Path:
