@@ -22,7 +22,10 @@ in the middle of an epoch (vltrain.progress.resumable_batches: set_epoch, then t
 sees the straight run's order. `MixtureSampler` yields it for plain micro-batches; with
 `data.max_tokens_per_batch` the token-budget batch sampler cuts the same per-epoch order instead of its own
 shuffle (vltrain.data.packing.TokenBudgetBatchSampler `order=`). Weights shape training only: an unshuffled
-loader (evaluation) reads every record once.
+loader (evaluation) reads every record once. They are refused with `dpo.precompute_ref_log_probs` (its table is
+scored on one epoch's draw, which may leave pairs out) and with `cls.balanced_sampler` (both choose the samples).
+The run prints once, when the train loader is built, the records of each file and, with weights, the draws per
+epoch from each (`describe_files`).
 
 Config mistakes are ValueErrors at config load: negative or all-zero weights, a `synthetic:*` name in a list,
 a file listed twice (`check_mixture_config`, DataConfig.validate); weights without several files or a count
