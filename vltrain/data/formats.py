@@ -24,8 +24,10 @@ Accepted record shapes (one JSON list file, or JSONL with one record per line):
 Conversation shape, checked for every record: an optional leading system turn, then user and assistant
 turns alternating, starting with a user turn and (unless the caller asks for prompt-only records with
 `require_reply=False`: generation, GRPO) ending with an assistant turn. No turn may be empty (no text
-and no media). Errors name the file, sample index, sample id and the turn index (0-based, as in the
-record's `conversations` / `messages` list).
+and no media); media only in user turns (labels would otherwise cover media tokens); no text may hold a
+token the chat template writes itself (`CONTROL_TOKENS`: an `<|im_end|>` in a reply would end the trained
+answer early). `id` is a string or an integer. Errors name the file, sample index, sample id and the turn
+index (0-based, as in the record's `conversations` / `messages` list).
 
 Every other top-level key of a record (reward columns, class labels, pair ids, ...) is kept in
 `Conversation.extra`, untouched.
@@ -42,6 +44,10 @@ from typing import Literal
 PartKind = Literal["text", "image", "video"]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PLACEHOLDER = re.compile(r"\n?(<image>|<video>)\n?")
+# Tokens the chat template and the processor write themselves: in a record's text they would end a turn early
+# (labels stop at the first <|im_end|>), or claim media the sample does not have.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 _LLAVA_KEYS = ("id", "image", "video", "system", "conversations")
 _MESSAGES_KEYS = ("id", "system", "messages")
 
@@ -90,11 +96,17 @@ class Conversation:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """A JSON list or a JSONL file, as a list of dicts; errors name the file and line."""
+    """A JSON list or a JSONL file (UTF-8, a byte-order mark allowed), as a list of dicts; errors name the file
+    and line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"data file {str(path)!r} is a folder, not a JSON / JSONL file")
     if not path.is_file():
         raise DataFormatError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not a UTF-8 text file, so not JSON / JSONL (byte {e.start}: {e.reason})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -223,12 +235,33 @@ def _from_messages(record: dict, where: str) -> list[Turn]:
     return turns
 
 
+def control_token(text: str) -> str | None:
+    """The first of `CONTROL_TOKENS` that `text` holds, or None."""
+    return next((token for token in CONTROL_TOKENS if token in text), None)
+
+
+def check_text(text: str, at: str) -> None:
+    """DataFormatError naming `at` when `text` holds a token the chat template writes itself (`CONTROL_TOKENS`)."""
+    token = control_token(text)
+    if token is not None:
+        raise DataFormatError(f"{at}: the text holds {token!r}, a token the chat template writes itself; remove it "
+                              "from the data (pre-rendered chat text is not a conversation)")
+
+
 def _check_shape(turns: list[Turn], where: str, require_reply: bool) -> None:
-    """Optional system turn, then user/assistant alternating from a user turn; indices as in the record."""
+    """Optional system turn, then user/assistant alternating from a user turn; media only in user turns; no
+    control token in the text; indices as in the record."""
     for j, turn in enumerate(turns):
         at = f"{where} turn {j}"
         if turn.is_empty():
             raise DataFormatError(f"{at}: empty {turn.role} turn (no text and no media)")
+        media = next((p.kind for p in turn.parts if p.kind != "text"), None)
+        if media is not None and turn.role != "user":
+            raise DataFormatError(f"{at}: the {turn.role} turn holds {'an' if media == 'image' else 'a'} {media}; "
+                                  "media belong in user turns (the model reads them, it does not write them)")
+        for part in turn.parts:
+            if part.kind == "text":
+                check_text(part.value, at)
         if turn.role == "system":
             if j > 0:
                 raise DataFormatError(f"{at}: a system turn may only come first")
@@ -246,12 +279,20 @@ def _check_shape(turns: list[Turn], where: str, require_reply: bool) -> None:
                               "(prompt-only records are for generation / GRPO)")
 
 
+def record_id(record: dict, index: int, source: str) -> str:
+    """The record's `id` as a string (its index when it has none); a DataFormatError names any other type."""
+    value = record.get("id", index)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(f"{source}: sample {index}: field 'id' must be a string or an integer, got {value!r}")
+    return str(value)
+
+
 def parse_record(record: dict, index: int, source: str = "data", *, require_reply: bool = True) -> Conversation:
     """Validate one record of either format; the error names `source`, the index, the id and the turn.
 
     `require_reply=False` accepts prompt-only records (ending with a user turn) for generation and GRPO.
     """
-    sample_id = str(record.get("id", index))
+    sample_id = record_id(record, index, source)
     where = f"{source}: sample {index} (id={sample_id!r})"
     if "conversations" in record and "messages" in record:
         raise DataFormatError(f"{where}: both 'conversations' and 'messages'; a record uses one format")
@@ -270,6 +311,7 @@ def parse_record(record: dict, index: int, source: str = "data", *, require_repl
     if system is not None:
         if not isinstance(system, str):
             raise DataFormatError(f"{where}: field 'system' must be a string")
+        check_text(system, f"{where}: field 'system'")
         if turns[0].role == "system":
             raise DataFormatError(f"{where}: both a 'system' field and a system turn")
         if system.strip():  # an empty field means "no per-sample system prompt", not an empty system turn

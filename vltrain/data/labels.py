@@ -51,7 +51,7 @@ from torch.utils.data import Sampler
 
 from vltrain.data.dataset import MAX_CONSECUTIVE_SKIPS, RESERVED_KEYS, SkippingDataset, check_reserved, located, pad_collate
 from vltrain.data.encode import encode_unlabeled
-from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records
+from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records, record_id
 from vltrain.data.media import MediaOptions
 from vltrain.data.packing import pack_examples
 from vltrain.families import RopeIndex
@@ -172,7 +172,7 @@ def parse_cls_record(record: dict, index: int, source: str, spec: LabelSpec, def
                      require_label: bool = True) -> Conversation:
     """One classification record (module docstring) as a prompt-only Conversation with `extra["target"]` (None for
     a record without `label` when not `require_label`: prediction)."""
-    sample_id = str(record.get("id", index))
+    sample_id = record_id(record, index, source)
     where = f"{source}: sample {index} (id={sample_id!r})"
     if "labels" in record:
         raise DataFormatError(f"{where}: field 'labels' is reserved (the model's token labels); name the class "

@@ -53,7 +53,7 @@ import torch
 
 from vltrain.data.dataset import RESERVED_KEYS, SkippingDataset, collate_extras, located, pad_collate
 from vltrain.data.encode import SampleSkipped, encode_completions
-from vltrain.data.formats import Conversation, DataFormatError, parse_record, read_records
+from vltrain.data.formats import Conversation, DataFormatError, check_text, parse_record, read_records, record_id
 from vltrain.data.media import MediaOptions
 from vltrain.data.packing import pack_examples
 from vltrain.families import RopeIndex
@@ -120,7 +120,7 @@ def _parse_prompt(record: dict, index: int, source: str) -> Conversation:
 
 def parse_pair(record: dict, index: int, source: str = "data") -> PreferencePair:
     """Validate one DPO record of either shape (module docstring); errors name `source`, index, id and field."""
-    sample_id = str(record.get("id", index))
+    sample_id = record_id(record, index, source)
     where = f"{source}: sample {index} (id={sample_id!r})"
     for name in PAIR_FIELDS:
         if name not in record:
@@ -142,7 +142,10 @@ def parse_pair(record: dict, index: int, source: str = "data") -> PreferencePair
     else:
         raise DataFormatError(f"{where}: field 'prompt' must be a string or a list of messages, got "
                               f"{type(prompt).__name__}")
-    return PreferencePair(conv, *(_completion(record[name], name, where) for name in COMPLETIONS))
+    completions = [_completion(record[name], name, where) for name in COMPLETIONS]
+    for name, text in zip(COMPLETIONS, completions):
+        check_text(text, f"{where}: field {name!r}")
+    return PreferencePair(conv, *completions)
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:
