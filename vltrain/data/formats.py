@@ -323,6 +323,11 @@ def parse_record(record: dict, index: int, source: str = "data", *, require_repl
 def load_conversations(path: str | Path, *, require_reply: bool = True) -> list[Conversation]:
     """Every record of a data file, validated up front so a bad one fails before training starts.
 
-    `require_reply=False` also accepts prompt-only records (see `parse_record`).
+    `require_reply=False` also accepts prompt-only records (see `parse_record`). An extra field named like a key
+    every Example builds (vltrain.data.dataset.RESERVED_KEYS, e.g. "labels") is refused here too, before any model
+    loads, not only when the dataset is built.
     """
-    return [parse_record(r, i, str(path), require_reply=require_reply) for i, r in enumerate(read_records(path))]
+    from vltrain.data.dataset import check_reserved  # dataset.py imports this module
+
+    return [check_reserved(parse_record(r, i, str(path), require_reply=require_reply))
+            for i, r in enumerate(read_records(path))]

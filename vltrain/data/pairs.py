@@ -149,8 +149,9 @@ def parse_pair(record: dict, index: int, source: str = "data") -> PreferencePair
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:
-    """Every record of a DPO data file, validated up front so a bad one fails before the model loads."""
-    return [parse_pair(r, i, str(path)) for i, r in enumerate(read_records(path))]
+    """Every record of a DPO data file, validated up front so a bad one fails before the model loads (extra fields
+    named like a key of the pair Example included)."""
+    return [PairDataset._checked(parse_pair(r, i, str(path)), i, None) for i, r in enumerate(read_records(path))]
 
 
 def unusable_reason(pair: PreferencePair) -> str | None:

@@ -45,8 +45,10 @@ def split_prompt(conv: Conversation) -> tuple[Conversation, str | None]:
 
 
 def load_prompts(path: str | Path) -> list[Conversation]:
-    """Every record of a GRPO data file, validated up front (prompt-only records allowed)."""
-    return load_conversations(path, require_reply=False)
+    """Every record of a GRPO data file, validated up front (prompt-only records allowed; extra fields named like a
+    key of the prompt Example refused)."""
+    return [check_reserved(conv, PROMPT_RESERVED_KEYS, "prompt Example")
+            for conv in load_conversations(path, require_reply=False)]
 
 
 def reward_messages(conv: Conversation, system_prompt: str | None = None) -> list[dict]:
