@@ -57,6 +57,7 @@ import asyncio
 import hashlib
 import importlib.util
 import inspect
+import logging
 import math
 import numbers
 import re
@@ -71,6 +72,7 @@ import torch
 __all__ = ["Reward", "RewardError", "load_rewards", "check_reward_fields", "compute_rewards", "total_reward",
            "reward_stats", "accuracy", "format_reward", "BUILTINS", "completion_text"]
 
+log = logging.getLogger(__name__)
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
 _ALWAYS = (*_RESERVED, "assistant")  # the keywords every call passes (the reference answer may be None)
 
@@ -417,7 +419,15 @@ def compute_rewards(rewards: list[Reward], *, prompts, completions, completion_i
                 raise RewardError(f"grpo.rewards: {reward.where()} raised at step {step}: "
                                   f"{type(output).__name__}: {_one_line(output)}") from output
             results[reward.name] = _check_output(reward, output, num, step)
+    unscored = sum(all(results[r.name][i] is None for r in rewards) for i in range(num))
+    if unscored and not _warned_unscored:
+        _warned_unscored.append(step)
+        log.warning("grpo.rewards: every reward returned None for %d of %d completions at step %d: they get a total "
+                    "reward of 0 (said once per process)", unscored, num, step)
     return {reward.name: results[reward.name] for reward in rewards}
+
+
+_warned_unscored: list[int] = []  # the step of the first all-None completion (TRL warns about those too)
 
 
 def total_reward(values: dict[str, list], rewards: list[Reward]) -> torch.Tensor:
