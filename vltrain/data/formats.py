@@ -121,6 +121,9 @@ def read_records(path: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if stripped.startswith("{") and _is_one_object(text):
+                    raise DataFormatError(f"{path}: holds one JSON object, not a list of records; a data file is "
+                                          "a JSON list of records or JSONL (one record per line)") from None
                 raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: a JSON file must hold a list of records, got a {type(records).__name__}")
@@ -130,6 +133,13 @@ def read_records(path: str | Path) -> list[dict]:
         if not isinstance(record, dict):
             raise DataFormatError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
     return records
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _as_list(value, name: str, where: str) -> list[str]:
