@@ -465,3 +465,60 @@ def test_matrix_counts(capsys):
             print(f"\n{loop}: {sum(by_outcome.values())} bad-input cases: " +
                   ", ".join(f"{n} {outcome}" for outcome, n in sorted(by_outcome.items())))
     assert all(sum(c.values()) >= 40 for c in counts.values()), counts
+
+
+# ------------------------------------------------------------------------------------------ around the matrix
+RECIPES = {  # recipe: (shipped config, a bad record, the message it must give)
+    "sft": ("demo", {"id": "bad", "conversations": _turns(("human", "Hi."), ("human", "Hi?"), ("gpt", "x"))},
+            r"two user turns in a row"),
+    "dpo": ("dpo_demo", {"id": "bad", "prompt": "Hi", "chosen": "a"}, r"missing field 'rejected'"),
+    "grpo": ("grpo_demo", {"id": "bad", "conversations": _turns(("gpt", "x"))}, r"starts with an assistant turn"),
+    "cls": ("cls_demo", {"id": "bad", "prompt": "Hi", "label": "fish"}, r"label 'fish' is not one of the classes"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_bad_record_stops_every_recipe_before_its_model_loads(recipe, tmp_path, monkeypatch):
+    """The recipe's own `main` under `run_recipe`: the bad record (sample 1, after a good one) ends the run with one
+    line naming the file, the sample and the problem, and no model is ever built."""
+    import importlib
+
+    from vltrain.run import run_recipe
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(module, "build_model", lambda *a, **k: pytest.fail("the model loaded before the data check"))
+    config, bad, match = RECIPES[recipe]
+    good = LOOP_TABLE[recipe].record("good", "What is it?")
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    argv = [config, f"data.train_path={path}", f"data.eval_path={path}", f"train.output_dir={tmp_path / 'out'}",
+            "train.report_to=none"]
+    with pytest.raises(SystemExit) as info:
+        run_recipe(module.setup, module.main, argv)
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith("data error: "), message
+    assert f"{path}: sample 1 (id='bad')" in message and re.search(match, message), message
+    assert not (tmp_path / "out" / "config.yaml").exists()  # start_run never ran
+
+
+def test_a_huge_jpeg_is_never_decoded_at_full_size(media):
+    """A 20000x20000 JPEG (400 M pixels: 400 MB decoded grey, 1.2 GB as RGB) loads within the pixel bounds while the
+    process's peak memory grows by under 100 MB (measured in a fresh process, ru_maxrss: ~31 MB reduced, ~390 MB for
+    a plain PIL decode of the same file);
+    its length estimate reads the header alone and equals the loaded size."""
+    code = f"""
+import resource
+from vltrain.data.media import MediaOptions, image_size, load_image
+opts = MediaOptions(image_factor=28, image_max_pixels={64 * 64 * 2})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = load_image({str(media / "huge.jpg")!r}, opts)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(image.size[0], image.size[1], image.getpixel((5, 5))[0], *image_size({str(media / "huge.jpg")!r}, opts), grew)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    width, height, grey, size_h, size_w, grew_kib = map(int, out.stdout.split())
+    assert width * height <= 64 * 64 * 2 and (size_h, size_w) == (height, width)
+    assert abs(grey - 128) <= 2  # the real pixels, reduced: mid grey
+    assert grew_kib < 100_000, f"peak memory grew by {grew_kib} KiB: decoded at full size?"
