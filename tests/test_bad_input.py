@@ -126,6 +126,10 @@ def media(tmp_path_factory) -> Path:
     write_video(d / "one.mp4", num_frames=1)
     write_audio(d / "audio.mp4")
     (d / "no_frames").mkdir()
+    (d / "bad_frames").mkdir()
+    for k in range(3):
+        write_image(d / "bad_frames" / f"frame_{k}.png", (64, 64), seed=k)
+    (d / "bad_frames" / "frame_3.jpg").write_text("not an image\n")
     return d
 
 
@@ -306,6 +310,7 @@ CASES = [
     media_case("a video without frames", "skip", r"cannot decode video .*empty\.mkv: .*End of file", video="empty.mkv"),
     media_case("a one-frame video", "skip", r"one\.mp4 has 1 decodable frame", video="one.mp4"),
     media_case("an audio-only file", "skip", r"audio\.mp4 has no video stream", video="audio.mp4"),
+    media_case("a frame folder with a broken frame", "skip", r"cannot decode image .*frame_3\.jpg", video="bad_frames"),
     media_case("an empty frame folder", "skip", r"frame folder .*no_frames holds no frames", video="no_frames"),
     # placeholder counts that disagree with the media
     media_case("two <image> for one image", "error", r"more <image> placeholders than image files",
@@ -522,3 +527,25 @@ print(image.size[0], image.size[1], image.getpixel((5, 5))[0], *image_size({str(
     assert width * height <= 64 * 64 * 2 and (size_h, size_w) == (height, width)
     assert abs(grey - 128) <= 2  # the real pixels, reduced: mid grey
     assert grew_kib < 100_000, f"peak memory grew by {grew_kib} KiB: decoded at full size?"
+
+
+def test_a_run_trains_on_the_good_samples_and_counts_the_bad_ones(media, tmp_path, one_thread):
+    """recipes/sft.py end to end for one epoch on a file where 5 of 9 samples are unusable: it trains on the others,
+    and summary.json lists exactly the skipped ids."""
+    from conftest import sft_config
+    from recipes.sft import main
+
+    bad = {"missing": "nope.png", "cut": "cut.png", "text": "text.jpg", "bomb": "huge.png"}
+    records = [_sft_record(f"good{k}", "<image>\nWhat is it?", image="good.png") for k in range(4)]
+    records += [_sft_record(name, "<image>\nWhat is it?", image=image) for name, image in bad.items()]
+    records.append(_sft_record("audio", "<video>\nWhat happens?", video="audio.mp4"))
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = sft_config(tmp_path, MODEL_TYPE, path, **{"data.image_folder": str(media), "data.max_bad_fraction": 0.6,
+                                                     "train.max_steps": -1, "train.num_epochs": 1})
+    summary = main(cfg)  # one epoch: every index is drawn once, a skipped one is replaced by the next usable sample
+    assert summary["steps"] >= 4 and all(np.isfinite(summary["losses"]))
+    assert summary["num_skipped"] == 5
+    assert sorted(r["id"] for r in summary["skipped"]["records"]) == sorted([*bad, "audio"])
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["num_skipped"] == 5
