@@ -101,12 +101,34 @@ def _table_logps(table: dict, batch: dict, device) -> PairLogps:
     return PairLogps(chosen=values[:, 0], rejected=values[:, 1], chosen_tokens=ones, rejected_tokens=ones)
 
 
+def read_reference_cache(cache: str | Path) -> dict[str, list[float]] | None:
+    """The table in `cache`, or None when there is none or it is not a whole one (cut off mid-write by a
+    copy or an older writer, or not a table at all): then it is rebuilt, with a warning naming the file."""
+    path = Path(cache)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        table = saved["logps"]
+        whole = (isinstance(table, dict) and saved.get("num_pairs") == len(table)
+                 and all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+                         for v in table.values()))
+        problem = None if whole else "its pair count or values do not add up"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"{type(e).__name__}: {str(e)[:80]}"
+    if problem is None:
+        return table
+    print0(f"reference log-probs: {path} is incomplete or corrupt ({problem}); computing them again")
+    return None
+
+
 @torch.no_grad()
 def reference_table(accelerator, reference, loader, cache: str | Path | None = None) -> dict[str, list[float]]:
     """{pair id: [chosen, rejected] reference log-probs} for every pair of `loader` (all ranks), read from
-    `cache` when it exists, else computed (each rank its share) and written there atomically."""
-    if cache is not None and Path(cache).is_file():
-        table = json.loads(Path(cache).read_text())["logps"]
+    `cache` when it holds a whole table (`read_reference_cache`), else computed (each rank its share) and
+    written there atomically (temporary file + rename)."""
+    table = read_reference_cache(cache) if cache is not None else None
+    if table is not None:
         print0(f"reference log-probs: {len(table)} pairs reused from {cache}")
         return table
     rows = []

@@ -169,9 +169,19 @@ def _child(request: dict) -> int:
 def serve() -> None:
     import os
 
+    import torch
+
+    # One intra-op thread before any torch op: no OpenMP pool exists when a child is forked (a forked child of a
+    # process with a live pool can hang); tokenizers keep to one thread too (TOKENIZERS_PARALLELISM=false).
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     for loop in LOOPS:  # the slow part, once
         importlib.import_module(f"recipes.{loop}")
-    import vltrain.training  # noqa: F401
+    import matplotlib.backends.backend_agg  # noqa: F401  (vltrain.plots draws plots.png at the end of a run)
+
+    from vltrain.tiny import build_tiny
+
+    build_tiny("qwen2_5_vl")  # the model classes' lazy imports and the tokenizer's BPE (cached) are inherited
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

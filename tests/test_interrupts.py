@@ -209,12 +209,12 @@ def straight(server, data, tmp_path_factory):
 # ------------------------------------------------------------------------------- one trial
 def _wait_for_marker(run: dict, marker: str, occurrence: int, timeout: float = RUN_TIMEOUT) -> bool:
     """Wait until the run's log holds `occurrence` lines equal to `marker`; False if the run ended first."""
-    deadline = time.monotonic() + timeout
+    deadline, line = time.monotonic() + timeout, marker + "\n"  # a progress bar may share its line (no "\n")
     while time.monotonic() < deadline:
-        if sum(line == marker for line in _log(run).splitlines()) >= occurrence:
+        if _log(run).count(line) >= occurrence:
             return True
         if not _alive(run["pid"]):
-            return sum(line == marker for line in _log(run).splitlines()) >= occurrence
+            return _log(run).count(line) >= occurrence
         time.sleep(0.01)
     pytest.fail(f"no {marker!r} within {timeout} s:\n{_log(run)[-3000:]}")
 
