@@ -549,3 +549,18 @@ def test_a_run_trains_on_the_good_samples_and_counts_the_bad_ones(media, tmp_pat
     assert sorted(r["id"] for r in summary["skipped"]["records"]) == sorted([*bad, "audio"])
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written["num_skipped"] == 5
+
+
+def test_a_run_of_unusable_samples_stops_with_one_line_naming_the_file(media, processor, tmp_path):
+    """More consecutive unusable samples than max_consecutive_skips: TooManySkips (a ValueError: run_recipe's one
+    'data error' line), naming the file and the last sample's reason, not a RuntimeError traceback."""
+    from vltrain.data.skips import TooManySkips
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(_sft_record(f"m{k}", "<image>\nWhat?", image="nope.png")) + "\n"
+                            for k in range(4)))
+    dataset = SFTDataset(load_conversations(path), processor, MEDIA, max_seq_length=MAX_SEQ_LENGTH,
+                         image_folder=str(media), max_consecutive_skips=3)
+    with pytest.raises(TooManySkips, match=rf"{re.escape(str(path))}: 3 consecutive samples from index 0 .*"
+                                           r"id='m2': image file not found"):
+        dataset[0]

@@ -19,10 +19,16 @@ from torch.utils.data import Dataset
 from vltrain.data.encode import IGNORE_INDEX, MEDIA_KEYS, SampleSkipped, encode
 from vltrain.data.formats import Conversation, DataFormatError, load_conversations
 from vltrain.data.media import MediaError, MediaOptions
-from vltrain.data.skips import skip_record
+from vltrain.data.skips import TooManySkips, skip_record
 from vltrain.data.template import THINKING_MODES
 
 MAX_CONSECUTIVE_SKIPS = 16
+
+
+class ConsecutiveSkips(TooManySkips, RuntimeError):
+    """`max_consecutive_skips` unusable samples in a row: a TooManySkips (a ValueError, so a recipe ends with its
+    one `data error` line, not a traceback), and still the RuntimeError it was before for callers catching that."""
+
 RECORD_LISTS = ("skipped", "truncated")  # lists of records, concatenated over the batch
 # Keys the collators build themselves; a record's extra field may not take one of these names.
 RESERVED_KEYS = frozenset(("input_ids", "labels", "mm_token_type_ids", "attention_mask", "position_ids", "id",
@@ -97,9 +103,10 @@ class SkippingDataset(Dataset):
                 continue
             example["skipped"] = skipped
             return example
-        raise RuntimeError(
-            f"{self.path}: {self.max_consecutive_skips} consecutive samples from index {index} could not be used; "
-            "see the warnings above (max_seq_length too small? media missing?)"
+        raise ConsecutiveSkips(
+            f"{self.path}: {self.max_consecutive_skips} consecutive samples from index {index} could not be used "
+            f"(last: id={skipped[-1]['id']!r}: {skipped[-1]['reason']}); see the warnings above (max_seq_length too "
+            "small? media missing?)"
         )
 
 
