@@ -214,3 +214,46 @@ def test_save_sweeps_torn_folders_and_deletes_old_checkpoints_via_a_rename(tmp_p
     assert sorted(p.name for p in root.iterdir()) == ["step_000003"]
     assert ("step_000002", "step_000002.del") in renamed  # pruned through a rename, then deleted
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000003"]
+
+
+def test_scheduler_state_of_older_checkpoints_loads_without_unpickling_objects(tmp_path):
+    """Checkpoints written before scheduler.json hold scheduler_vltrain.pt: read with weights_only=True; one
+    holding a pickled object is refused with one line naming the file."""
+    from vltrain.checkpoint import LEGACY_SCHEDULER_FILE, load_scheduler_state
+
+    model = torch.nn.Linear(2, 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 0.5)
+    scheduler.step()
+    torch.save(scheduler.state_dict(), tmp_path / LEGACY_SCHEDULER_FILE)
+    assert load_scheduler_state(tmp_path) == scheduler.state_dict()
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"last_epoch": 1, "lr_lambdas": [Path("x")]}, evil / LEGACY_SCHEDULER_FILE)  # an object, not data
+    with pytest.raises(ValueError, match=f"{evil / LEGACY_SCHEDULER_FILE}.*weights_only=True") as info:
+        load_scheduler_state(evil)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="no scheduler.json"):
+        load_scheduler_state(tmp_path / "nothing")
+
+
+def test_a_full_disk_in_a_save_removes_the_torn_folder_and_raises_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    from vltrain.checkpoint import DiskFullError, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(accelerator, tmp_path, 1, scheduler, {"epoch": 0, "next_batch": 1}, keep_last=2)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", full)
+    with pytest.raises(DiskFullError, match=r"disk full while writing checkpoint .*step_000002\.tmp") as info:
+        save_checkpoint(accelerator, tmp_path, 2, scheduler, {"epoch": 0, "next_batch": 2}, keep_last=2)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
