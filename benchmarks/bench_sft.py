@@ -26,7 +26,8 @@ Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.0
 linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
 N-th layer); suffixes: `c` = + kernels compile_layers (`cx`: compiled, with liger's RMSNorm/SwiGLU
 left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or micro-batch size (hf), e.g.
-`vltrain:full:gc1c@32768`, `hf:full:gc0@1`, `loop:full:gc1@16384`.
+`+name` = also this kernel (vltrain, loop), e.g.
+`vltrain:full:gc1c@32768`, `hf:full:gc0@1`, `loop:full:gc1@16384`, `vltrain:full:gc1+vision_positions@16384`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
 (median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM".
@@ -265,7 +266,7 @@ def micro_batches(path, examples, model, args, budget=None):
     return [model_inputs(b) for b in batches]  # tensors the model takes (batches also carry ids, skip records)
 
 
-def prepare_model(model, path, mode, gc_every, compile_layers=""):
+def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=()):
     from vltrain.families import family_spec
 
     if path == "vltrain":
@@ -275,7 +276,8 @@ def prepare_model(model, path, mode, gc_every, compile_layers=""):
         enable_packed_attention(model)
         # "cx": compile without liger's RMSNorm / SwiGLU (inductor fuses those itself)
         kernels = ["fused_linear_ce", "vision_varlen", "patch_embed_linear"] if compile_layers == "cx" else ["all"]
-        apply_kernels(model, kernels + (["compile_layers"] if compile_layers else []), strict=False)
+        apply_kernels(model, kernels + list(extra_kernels) + (["compile_layers"] if compile_layers else []),
+                      strict=False)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -483,6 +485,7 @@ def save_preset_model(preset: str, folder: Path, device, dtype) -> None:
 
 
 def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: int, compile_layers: str,
+                extra_kernels=(),
                 budget: int, model_type: str, device):
     """The SFTConfig of a loop run (a user's config: packing, token budget, kernels [all], default optimizer
     apart from a constant lr without warm-up). train.gradient_accumulation_steps is set by `run_loop`."""
@@ -499,7 +502,7 @@ def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: in
         "model": {"name_or_path": str(workdir / "model"), "dtype": "bfloat16" if device.type == "cuda" else "float32",
                   "attn_implementation": "sdpa", "gradient_checkpointing": gc_every > 0,
                   "checkpoint_every_n_layers": max(gc_every, 1),
-                  "kernels": kernels + (["compile_layers"] if compile_layers else [])},
+                  "kernels": kernels + list(extra_kernels) + (["compile_layers"] if compile_layers else [])},
         "data": {"train_path": str(data_path), "image_folder": str(data_path.parent), "packing": True,
                  "max_tokens_per_batch": budget, "max_seq_length": min(budget, DataConfig.max_seq_length),
                  "num_workers": args.num_workers, "nframes": 8},
@@ -518,7 +521,7 @@ def mixed_precision_of(accelerate_config: str) -> str:
     return yaml.safe_load((Path(__file__).resolve().parents[1] / accelerate_config).read_text())["mixed_precision"]
 
 
-def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers: str, budget: int,
+def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers: str, budget: int, extra_kernels=(),
              workdir: Path) -> dict:
     """One run of loops.sft.train built as recipes/sft.py builds it; the result fields of the other paths.
 
@@ -559,6 +562,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     cfg = loop_config(workdir, data_path, args, mode=mode, gc_every=gc_every, compile_layers=compile_layers,
+                      extra_kernels=extra_kernels,
                       budget=budget, model_type=model_type, device=device)
     set_seed(cfg.train.seed)
     data = cfg.data
@@ -632,14 +636,16 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
     # gc0: off, gc1: every layer, gcN: every N-th layer; "c": + kernels compile_layers ("cx": compiled, with
     # only the non-elementwise kernels); "@T": this run's token budget (vltrain) or micro-batch size (hf)
-    m = re.fullmatch(r"gc(\d+)(cx|c)?(?:@(\d+))?", gcs)
-    if not m or path not in ("hf", "vltrain", "loop") or mode not in ("full", "lora") or (m[2] and path == "hf"):
-        raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][@budget] (c/cx: not hf)")
+    m = re.fullmatch(r"gc(\d+)(cx|c)?((?:\+\w+)*)(?:@(\d+))?", gcs)
+    if not m or path not in ("hf", "vltrain", "loop") or mode not in ("full", "lora") or ((m[2] or m[3]) and path == "hf"):
+        raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][+kernel...][@budget] "
+                         "(c/cx/+kernel: not hf)")
     if path == "loop" and args.long_tokens:
         raise SystemExit(f"{spec}: --long_tokens is not implemented for the loop path (its data is write_llava_data's)")
-    gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[3]) if m[3] else None
+    gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[4]) if m[4] else None
+    extra = [k for k in m[3].split("+") if k]
     result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every,
-              "compile_layers": compile_layers}
+              "compile_layers": compile_layers, "extra_kernels": extra}
     if path == "hf":
         result["micro_batch"] = budget or args.hf_micro_batch
     else:
@@ -650,13 +656,13 @@ def run_one(spec: str, args, device, ceiling) -> dict:
         if path == "loop":
             with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
                 workdir = Path(args.workdir) / spec.replace(":", "_") if args.workdir else Path(tmp)
-                result.update(run_loop(args, device, ceiling, mode=mode, gc_every=gc_every,
+                result.update(run_loop(args, device, ceiling, mode=mode, gc_every=gc_every, extra_kernels=extra,
                                        compile_layers=compile_layers, budget=result["token_budget"], workdir=workdir))
             return result
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
-        model = prepare_model(model, path, mode, gc_every, compile_layers)
+        model = prepare_model(model, path, mode, gc_every, compile_layers, extra)
         model.train()
         batches = micro_batches(path, examples, model, args, budget)
         real = sum(len(e["input_ids"]) for e in examples)

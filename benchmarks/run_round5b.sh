@@ -5,6 +5,9 @@
 #   bash benchmarks/run_round5b.sh profq3  # one profiled vltrain step + the sync report, Qwen3-VL-4B full FT, GC on
 #   bash benchmarks/run_round5b.sh profq2  # the same for Qwen2-VL-2B
 #   bash benchmarks/run_round5b.sh prof7l  # the same for Qwen2.5-VL-7B LoRA with compile_layers
+#   bash benchmarks/run_round5b.sh vpos    # Qwen2.5-VL-3B / Qwen3-VL-4B full FT with and without vision_positions
+#   bash benchmarks/run_round5b.sh fp8     # bench_fp8.py: bf16 vs float8 (+ compile_layers), 50-step loss agreement
+#   bash benchmarks/run_round5b.sh gputests  # the GPU tests of vision_positions and float8
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -36,5 +39,11 @@ profq2) timeout 200 $B --preset qwen2_vl_2b --runs vltrain:full:gc1@16384 --prof
           --sync_report "$OUT/sync_q2_2b.txt" --out "$OUT/r5_prof_q2_2b.json" 2>&1 | show ;;
 prof7l) timeout 300 $B --preset qwen2_5_vl_7b --runs vltrain:lora:gc1c@16384 --profile "$OUT/prof_7b_lora.txt" \
           --out "$OUT/r5_prof_7b_lora.json" 2>&1 | show ;;
+vpos) for p in qwen2_5_vl_3b qwen3_vl_4b; do timeout 200 $B --preset $p \
+        --runs vltrain:full:gc1@16384,vltrain:full:gc1+vision_positions@16384 --out "$OUT/r5_vpos_$p.json" 2>&1 | show; done ;;
+fp8) timeout 300 python benchmarks/bench_fp8.py --preset qwen2_5_vl_3b --out "$OUT/r5_fp8_3b.json" 2>&1 \
+       | grep -Ev 'Warning|warn' | tail -20 ;;
+gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_positions.py tests/test_float8.py -s -p no:cacheprovider \
+            2>&1 | grep -Ev 'Warning|warn' | tail -30 ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac; done

@@ -363,3 +363,22 @@ def test_float8_on_gpu_bf16_tracks_bf16_over_training_steps():
     assert result["max_rel_diff"] < 3e-2, result
     assert fp8[-1] < 0.9 * fp8[0] and bf16[-1] < 0.9 * bf16[0]
 
+
+
+def test_recipes_check_float8_before_the_model_loads(monkeypatch):
+    """vltrain.distributed.check_kernels_supported (every recipe's open_run, before any weight loads) refuses
+    float8 without torchao, and under ZeRO-3 / FSDP sharding, naming the field."""
+    from types import SimpleNamespace
+
+    from vltrain import distributed
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(fsdp_plugin=None))
+    distributed.check_kernels_supported(accelerator, SimpleNamespace(kernels=["all", "float8"]))  # fine on CPU
+    sharded = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(fsdp_plugin=object()))
+    with pytest.raises(ValueError, match="model.kernels float8 is not supported under ZeRO-3/FSDP"):
+        distributed.check_kernels_supported(sharded, SimpleNamespace(kernels=["float8"]))
+    distributed.check_kernels_supported(sharded, SimpleNamespace(kernels=["all"]))
+    for name in ("torchao", "torchao.float8", "torchao.float8.float8_linear"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ValueError, match=r"model.kernels=\[float8_rowwise\] needs torchao"):
+        distributed.check_kernels_supported(accelerator, SimpleNamespace(kernels=["float8_rowwise"]))

@@ -522,3 +522,15 @@ def test_gpu_timing_qwen2_5_vl_3b_vision_forward_backward():
           f"({base_syncs} CUDA syncs), + vision_positions {ms:.1f} ms ({syncs} CUDA syncs) ({base_ms / ms:.2f}x)")
     assert _rel_err(out, base_out) < 2e-2
     assert syncs < base_syncs
+
+
+def test_the_kernel_table_applies_vision_positions_on_request_only():
+    """`vision_positions` is opt-in (not in `all` until measured on a GPU); asked for by name through
+    apply_kernels it patches the tower as the direct call does and is reported."""
+    _, patched, _ = stock_and_copy("qwen2_5_vl")
+    reported = apply_kernels(patched, ["all"])
+    assert not any("vision_positions" in entry for entry in reported)
+    reported = apply_kernels(patched, ["all", "vision_positions"])
+    direct = [entry for entry in reported if entry not in apply_kernels(stock_and_copy("qwen2_5_vl")[1], ["all"])]
+    assert direct and all("vision" in entry for entry in direct)
+    assert apply_kernels(patched, ["vision_positions"]) == reported  # idempotent through the table

@@ -132,7 +132,15 @@ def gather_lists(accelerator, items: list) -> list:
 
 
 def check_kernels_supported(accelerator, model_cfg) -> None:
-    """Refuse kernel choices the launch config cannot run (ValueError naming the field)."""
+    """Refuse kernel choices the launch config cannot run (ValueError naming the field): before the model loads."""
+    from vltrain.kernels.float8 import FLOAT8_RECIPES, check_float8_supported
+
+    for name in FLOAT8_RECIPES:
+        if name in model_cfg.kernels:
+            check_float8_supported(name, accelerator.device)  # torchao installed, a GPU with fp8 matmuls
+            if parameters_sharded(accelerator):
+                raise ValueError(f"model.kernels {name} is not supported under ZeRO-3/FSDP sharding (untested "
+                                 "there): drop it from model.kernels")
     if "compile_layers" in model_cfg.kernels and parameters_sharded(accelerator):
         raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
                          "drop it from model.kernels")

@@ -6,6 +6,10 @@ Kernels (module docstrings say exactly what each replaces):
                                             all images / frames / windows (no per-segment Python loop).
 - "vision_window_varlen"  (qwen2_5_vl)     the old name of "vision_varlen" (configs written before it covered
                                             every family): the same patch, accepted on Qwen2.5-VL only.
+- "vision_positions"      (every family, opt-in) vision_positions.py: the vision tower's position ids, windows and
+                                            cu_seqlens built on the host from one read of grid_thw (with
+                                            vision_varlen: one device -> host sync per vision forward instead
+                                            of 9-17); opt-in until it is measured on a GPU.
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
@@ -31,12 +35,14 @@ from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
 from vltrain.kernels.rms_norm import patch_rms_norm
 from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
+from vltrain.kernels.vision_positions import VISION_TOWERS, patch_vision_positions
 from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen
 
-KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "patch_embed_linear", "rms_norm", "swiglu",
+KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "vision_positions", "patch_embed_linear", "rms_norm", "swiglu",
            "float8", "float8_rowwise", "compile_layers")
-# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics
-OPT_IN = ("float8", "float8_rowwise", "compile_layers")
+# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics;
+# vision_positions is exact (CPU parity) but not yet measured on a GPU
+OPT_IN = ("vision_positions", "float8", "float8_rowwise", "compile_layers")
 OLD_NAMES = {"vision_window_varlen": "vision_varlen"}  # accepted where the old kernel applied; not in "all"
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.
@@ -54,6 +60,7 @@ def applicable_kernels(model) -> list[str]:
     else:
         has_swiglu = bool(swiglu_mlps(_base_model(model), spec.model_type))
     skip = {"vision_varlen": spec.model_type not in VISION_ATTENTION,
+            "vision_positions": spec.model_type not in VISION_TOWERS,
             "vision_window_varlen": not spec.window_attention, "swiglu": not has_swiglu}
     return [name for name in KERNELS if not skip.get(name, False)]
 
@@ -94,6 +101,8 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_fused_linear_ce(base)
         elif name == "vision_varlen":
             new = patch_vision_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks, spec.model_type)
+        elif name == "vision_positions":
+            new = patch_vision_positions(model, spec.model_type)
         elif name == "rms_norm":
             new = patch_rms_norm(base, spec.model_type)
         elif name == "swiglu":
