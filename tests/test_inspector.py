@@ -48,6 +48,8 @@ def planted_records() -> list[dict]:
          "conversations": turns("<image>\nWhat colour?", "red", "Describe the image.", LONG)},
         {"id": "placeholders", "image": ["a.png", "a.png"], "conversations": turns("<image>\nWhat colour?", "red")},
         {"id": "empty_reply", "conversations": turns("Say hello.", "")},
+        # a field named like an Example key: load_conversations refuses it as the file is read
+        {"id": "reserved_field", "labels": [1, 2], "conversations": turns("Say hello.", "hello")},
     ]
 
 
@@ -57,6 +59,7 @@ EXPECTED_REJECTED = {  # id -> (stage, a part of the reason)
     "too_long": ("skipped", f"max_seq_length={MAX_SEQ}"),
     "placeholders": ("parse", "placeholders"),
     "empty_reply": ("parse", "empty assistant turn"),
+    "reserved_field": ("parse", "field 'labels' would overwrite"),
 }
 
 

@@ -240,8 +240,17 @@ def test_corrupt_video(tmp_path):
 
 
 def test_zero_and_one_frame_videos(tmp_path):
-    with pytest.raises(MediaError, match="empty.mp4"):
-        load_video(write_video(tmp_path / "empty.mp4", num_frames=0), MediaOptions())
+    import av
+
+    empty = tmp_path / "empty.mp4"  # a container with a video stream and no frame (PyAV writes no file unless
+    with av.open(str(empty), "w") as container:  # encoding starts)
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        container.start_encoding()
+    assert empty.is_file()
+    with pytest.raises(MediaError, match="empty.mp4") as error:
+        load_video(str(empty), MediaOptions())
+    assert "not found" not in str(error.value)
     with pytest.raises(MediaError, match="one.mp4"):
         load_video(write_video(tmp_path / "one.mp4", num_frames=1), MediaOptions())
 

@@ -130,14 +130,21 @@ def _record_parser(cfg, loop: str):
     """parse(record, index, source): the per-record function the recipe's loader applies to every record."""
     from vltrain.data.formats import parse_record
 
-    if loop == "sft":
-        return lambda r, i, s: parse_record(r, i, s, require_reply=True)  # load_conversations
+    from vltrain.data.dataset import check_reserved
+
+    if loop == "sft":  # load_conversations: a field named like an Example key is refused as it is read
+        return lambda r, i, s: check_reserved(parse_record(r, i, s, require_reply=True))
     if loop == "dpo":
         from vltrain.data.pairs import parse_pair
 
-        return parse_pair  # load_pairs
+        from vltrain.data.pairs import PairDataset
+
+        return lambda r, i, s: PairDataset._checked(parse_pair(r, i, s), i, None)  # load_pairs
     if loop == "grpo":
-        return lambda r, i, s: parse_record(r, i, s, require_reply=False)  # load_prompts
+        from vltrain.data.prompts import PROMPT_RESERVED_KEYS
+
+        return lambda r, i, s: check_reserved(parse_record(r, i, s, require_reply=False), PROMPT_RESERVED_KEYS,
+                                              "prompt Example")  # load_prompts
     from vltrain.data.labels import parse_cls_record
 
     spec = _label_spec(cfg)
