@@ -156,8 +156,10 @@ def _child(request: dict) -> int:
 
     try:
         run_recipe(recipe.setup, recipe.main, list(request["overrides"]))
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # as the interpreter does: sys.exit("message") prints it and exits 1
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
         import traceback
 
@@ -193,8 +195,8 @@ def serve() -> None:
                 try:
                     code = _child(request)
                 finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
+                    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # fail() may use these
+                        stream.flush()
                     os._exit(code)
             print(json.dumps({"pid": pid}), flush=True)
         elif request["cmd"] == "wait":

@@ -339,7 +339,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_with_
     assert server.wait(run) == 1
     log = _log(run)
     assert "Traceback" not in log, log[-3000:]
-    last = log.strip().splitlines()[-1]
+    [last] = [line for line in log.splitlines() if line.startswith("error:")]
     assert last.startswith("error: [Errno 28] disk full while writing checkpoint "
                            f"{out / 'checkpoints' / 'step_000004.tmp'}") and "train.resume=auto" in last, last
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
@@ -366,7 +366,7 @@ def test_a_checkpoint_holds_no_pickle_of_ours_and_accelerates_files_load_weights
     for name in ("scheduler.json", "trainer_state.json"):
         json.loads((checkpoint / name).read_text())
     scheduler = json.loads((checkpoint / "scheduler.json").read_text())
-    assert scheduler["last_epoch"] == NUM_STEPS and scheduler["lr_lambdas"] == [None]  # closures: nothing to keep
+    assert scheduler["last_epoch"] == NUM_STEPS and set(scheduler["lr_lambdas"]) == {None}  # closures: nothing
     import numpy as np
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
