@@ -340,3 +340,32 @@ def test_encode_completions_with_a_thinking_template(thinking):
                                                                  {"from": "gpt", "value": completion}]}, 0)
         ref = encode(with_reply, processor, media, max_seq_length=4096, thinking=thinking)
         assert torch.equal(seq["input_ids"], ref["input_ids"])
+
+
+def test_encoding_a_video_prints_no_transformers_pixel_cap_warning(tmp_path):
+    """media.py sizes video frames itself (the processor runs with do_resize=False), so transformers' warning about
+    its per-frame pixel cap default concerns nothing vltrain does: it is not printed (a fresh process, since
+    transformers warns once per process)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_video
+
+    video = write_video(tmp_path / "clip.mp4", num_frames=8, size=(64, 64))
+    code = f"""
+from vltrain.data.encode import process_conversation
+from vltrain.data.formats import parse_record
+from vltrain.data.media import MediaOptions
+from vltrain.families import family_spec
+from vltrain.tiny import build_tiny_processor
+for model_type in ("qwen2_vl", "qwen3_vl"):
+    media = MediaOptions(nframes=4, image_factor=family_spec(model_type).image_factor)
+    conv = parse_record({{"video": {str(video)!r}, "conversations": [{{"from": "human", "value": "<video>What?"}},
+                                                              {{"from": "gpt", "value": "a clip"}}]}}, 0)
+    out = process_conversation(conv, build_tiny_processor(model_type), media)
+    print(model_type, tuple(out["video_grid_thw"].shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qwen2_vl (1, 3)" in proc.stdout and "qwen3_vl (1, 3)" in proc.stdout
+    assert "cap_pixels_per_frame" not in proc.stderr + proc.stdout

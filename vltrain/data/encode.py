@@ -133,6 +133,10 @@ def _process(conv: Conversation, processor, media: MediaOptions, *, image_folder
     text = render_chat(processor, to_chat_messages(conv, system_prompt), thinking=thinking,
                        add_generation_prompt=add_generation_prompt, sample_id=conv.sample_id)
     media_kwargs = _load_media(conv, media, image_folder)
+    if "videos" in media_kwargs and hasattr(getattr(processor, "video_processor", None), "cap_pixels_per_frame"):
+        # media.py has sized the frames already (do_resize=False): the processor's per-frame pixel cap has nothing
+        # to do, and saying so silences transformers' warning about its coming default
+        media_kwargs["videos_kwargs"] = {"cap_pixels_per_frame": False}
     try:
         out = processor(text=[text], return_tensors="pt", do_resize=False, padding=False, **media_kwargs)
     except Exception as e:
