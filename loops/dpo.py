@@ -29,6 +29,7 @@ Faults as in SFT (vltrain.faults): a non-finite step is skipped and logged with 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -122,14 +123,26 @@ def read_reference_cache(cache: str | Path) -> dict[str, list[float]] | None:
     return None
 
 
+def _warn_non_finite(table: dict[str, list[float]], split: str) -> None:
+    """Say (before step 0) which pairs have a non-finite reference log-prob: every step holding one is skipped
+    by the non-finite guard, so they never train (and a long run of them reaches train.max_bad_steps)."""
+    bad = [pair_id for pair_id, values in table.items() if not all(math.isfinite(v) for v in values)]
+    if bad:
+        print0(f"warning: {len(bad)} of {len(table)} {split} pairs have non-finite reference log-probs (the reference "
+               f"overflows on them; their steps will be skipped): {', '.join(map(str, bad[:20]))}"
+               + (" ..." if len(bad) > 20 else ""))
+
+
 @torch.no_grad()
-def reference_table(accelerator, reference, loader, cache: str | Path | None = None) -> dict[str, list[float]]:
+def reference_table(accelerator, reference, loader, cache: str | Path | None = None, *,
+                    split: str = "train") -> dict[str, list[float]]:
     """{pair id: [chosen, rejected] reference log-probs} for every pair of `loader` (all ranks), read from
     `cache` when it holds a whole table (`read_reference_cache`), else computed (each rank its share) and
     written there atomically (temporary file + rename)."""
     table = read_reference_cache(cache) if cache is not None else None
     if table is not None:
         print0(f"reference log-probs: {len(table)} pairs reused from {cache}")
+        _warn_non_finite(table, split)
         return table
     rows = []
     with torch.random.fork_rng(devices=[]), reference() as ref_model:  # the data order of training is untouched
@@ -150,6 +163,7 @@ def reference_table(accelerator, reference, loader, cache: str | Path | None = N
         os.replace(tmp, cache)
         print0(f"reference log-probs: {len(table)} pairs computed, cached in {cache}")
     accelerator.wait_for_everyone()
+    _warn_non_finite(table, split)
     return table
 
 
@@ -211,7 +225,7 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
     if uses_reference and dpo_cfg.precompute_ref_log_probs:
         for split, loader in (("train", run.train_loader), ("eval", run.eval_loader)):
             if loader is not None:
-                tables[split] = reference_table(accelerator, reference, loader, (ref_cache or {}).get(split))
+                tables[split] = reference_table(accelerator, reference, loader, (ref_cache or {}).get(split), split=split)
         reference = None  # never used again: a frozen copy is freed once the caller drops it too
 
     result = DPOResult(step=state.step, model=model, reference=reference)
