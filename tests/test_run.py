@@ -1,6 +1,7 @@
 """Around the loop (vltrain.run + recipes/sft.py): one-line errors, --help, and re-running a finished or
 export-interrupted job with train.resume=auto."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -147,3 +148,22 @@ def test_truncations_are_counted_in_the_summary(tmp_path):
     assert first["id"] == "long" and first["tokens_before"] > 48 >= first["tokens_after"]
     assert summary["num_skipped"] == 0  # its first assistant turn still trains
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["truncated"] == truncated
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (vltrain[fp8]) is not installed")
+def test_torchaos_enum_notice_from_torch_is_not_shown_once_logging_is_set_up():
+    """With torchao installed, importing it (transformers does whenever it builds a model) makes torch log an
+    'Enum subclass' deprecation notice users cannot act on; setup_logging drops it and nothing else."""
+    import subprocess
+
+    def run(setup: bool) -> str:
+        code = ("import logging\nfrom vltrain.tracking import setup_logging\n"
+                + ("setup_logging(True)\n" if setup else "")
+                + "import torchao.float8\nlogging.getLogger('torch.utils._pytree').warning('another pytree notice')\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    assert "is an Enum subclass" in run(setup=False)
+    shown = run(setup=True)
+    assert "is an Enum subclass" not in shown and "another pytree notice" in shown

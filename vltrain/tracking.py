@@ -35,15 +35,25 @@ _UNACTIONABLE = [
     # transformers 5.24 calls its own deprecated alias inside gradient checkpointing (once per layer and step)
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
 ]
+# Log records dropped (logger -> a part of the message): torch 2.14 logs this for torchao 0.18's enums on every
+# import of torchao, which transformers imports whenever it builds a model once torchao is installed (vltrain[fp8])
+_UNACTIONABLE_LOGS = {"torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+def _drop_unactionable(record: logging.LogRecord) -> bool:
+    part = _UNACTIONABLE_LOGS.get(record.name)
+    return part is None or part not in record.getMessage()
 
 
 def quiet_library_noise() -> None:
-    """Silence the library messages listed in `_UNACTIONABLE`, and DeepSpeed's "Setting accelerator to CPU" banner on
+    """Silence the library messages listed in `_UNACTIONABLE` and `_UNACTIONABLE_LOGS`, and DeepSpeed's "Setting accelerator to CPU" banner on
     machines without CUDA (DS_ACCELERATOR=cpu is what it would pick anyway)."""
     import warnings
 
     for message, category in _UNACTIONABLE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name in _UNACTIONABLE_LOGS:
+        logging.getLogger(name).addFilter(_drop_unactionable)  # once: addFilter skips a filter already there
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
