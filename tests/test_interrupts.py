@@ -406,9 +406,11 @@ def _draw(rng: random.Random, loop: str, sig: int) -> tuple[str, int, float]:
         return moment, rng.choice(saves), rng.uniform(0.0, 2 * PAUSE)  # the marker's pause, then the save sleep
     if moment == "rollout":
         return moment, rng.randint(1, NUM_STEPS if sig == signal.SIGKILL else NUM_STEPS - 1), rng.uniform(0.0, PAUSE)
-    # evaluations: cls has a step-0 baseline; sft has one more after the loop; SIGTERM only in the loop's
-    evals = {"cls": 3, "sft": 2, "dpo": 2}[loop] if sig == signal.SIGKILL else {"cls": 2, "sft": 1, "dpo": 1}[loop]
-    return moment, rng.randint(1, evals), rng.uniform(0.0, PAUSE)
+    # evaluations: DPO and cls at step 0 (the baseline, before the loop), 3 and after the loop; SFT at 3 and after
+    # the loop. SIGTERM only in the loop's one (step 3).
+    if sig == signal.SIGTERM:
+        return moment, {"cls": 2, "sft": 1, "dpo": 2}[loop], rng.uniform(0.0, PAUSE)
+    return moment, rng.randint(1, {"cls": 3, "sft": 2, "dpo": 3}[loop]), rng.uniform(0.0, PAUSE)
 
 
 @pytest.mark.slow
@@ -426,7 +428,7 @@ def test_random_moment_trials(server, straight, data, tmp_path, loop):
                                                     moment, occurrence, delay))
             except AssertionError as e:
                 failures.append({"loop": loop, "signal": signal.Signals(sig).name, "moment": f"{moment} #{occurrence}",
-                                 "delay": round(delay, 3), "error": str(e).splitlines()[0][:300]})
+                                 "delay": round(delay, 3), "error": (str(e).strip().splitlines() or [""])[-1][:300]})
             shutil.rmtree(tmp_path / f"t{n}_{sig}", ignore_errors=True)
     ran = len(results) + len(failures)
     report = {"loop": loop, "seed": seed, "trials": ran, "resumed_exactly": len(results),
