@@ -225,7 +225,8 @@ def train(accelerator, model, train_loader, train_cfg, optim_cfg, dpo_cfg, refer
     if uses_reference and dpo_cfg.precompute_ref_log_probs:
         for split, loader in (("train", run.train_loader), ("eval", run.eval_loader)):
             if loader is not None:
-                tables[split] = reference_table(accelerator, reference, loader, (ref_cache or {}).get(split), split=split)
+                tables[split] = reference_table(accelerator, reference, loader, (ref_cache or {}).get(split),
+                                                split=split)
         reference = None  # never used again: a frozen copy is freed once the caller drops it too
 
     result = DPOResult(step=state.step, model=model, reference=reference)

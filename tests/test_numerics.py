@@ -164,7 +164,8 @@ def _skip_warnings(output: str, step: int) -> list[str]:
 # ------------------------------------------------------------------------------- the guard, every loop
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 @pytest.mark.parametrize("loop", ["dpo", "grpo", "cls"])
-def test_a_nan_step_is_skipped_counted_logged_and_the_run_finishes(loop, where, tmp_path, media_dir, monkeypatch, capsys):
+def test_a_nan_step_is_skipped_counted_logged_and_the_run_finishes(loop, where, tmp_path, media_dir, monkeypatch,
+                                                                  capsys):
     spy = StepSpy(monkeypatch)
     if where == "loss":
         _nan_loss(loop, monkeypatch)
@@ -189,7 +190,8 @@ def test_a_nan_step_is_skipped_counted_logged_and_the_run_finishes(loop, where, 
 def test_max_bad_steps_in_a_row_stop_the_run_with_a_clear_error(loop, tmp_path, media_dir, monkeypatch):
     spy = StepSpy(monkeypatch)
     monkeypatch.setenv(NAN_HOOK_ENV, "2,3")
-    with pytest.raises(NonFiniteError, match=r"2 non-finite steps in a row \(steps 2-3\).*train\.max_bad_steps=2") as info:
+    expected = r"2 non-finite steps in a row \(steps 2-3\).*train\.max_bad_steps=2"
+    with pytest.raises(NonFiniteError, match=expected) as info:
         _run(loop, tmp_path, media_dir, **{"train.max_bad_steps": 2})
     assert "\n" not in str(info.value)
     assert [s["stepped"] for s in spy.steps] == [True, False, None]  # step 3 raised
@@ -245,7 +247,8 @@ def test_a_nan_reward_stops_grpo_naming_the_reward_and_the_step(tmp_path, media_
 def test_equal_group_rewards_give_zero_advantages_and_a_finite_step(tmp_path, media_dir, monkeypatch):
     """A constant reward: every group has std 0, so A = 0 / (0 + eps) = 0 everywhere; the loss is 0 and finite
     and no step is counted bad."""
-    (media_dir / "constant.py").write_text("def same_reward(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    (media_dir / "constant.py").write_text("def same_reward(completions, **kwargs):\n"
+                                           "    return [1.0] * len(completions)\n")
     spy = StepSpy(monkeypatch)
     summary = _run("grpo", tmp_path, media_dir, **{"grpo.rewards": f"[{media_dir / 'constant.py'}]",
                                                    "train.max_steps": 2})

@@ -47,8 +47,8 @@ def test_every_torch_load_in_the_package_passes_weights_only_true():
     loads = _calls(lambda f: isinstance(f, ast.Attribute) and f.attr == "load"
                    and isinstance(f.value, ast.Name) and f.value.id == "torch")
     assert loads, "expected the legacy scheduler read at least"
-    unsafe = [where for where, call in loads
-              if not (isinstance(_keyword(call, "weights_only"), ast.Constant) and _keyword(call, "weights_only").value is True)]
+    unsafe = [where for where, call in loads if not (isinstance(_keyword(call, "weights_only"), ast.Constant)
+                                                     and _keyword(call, "weights_only").value is True)]
     assert unsafe == [], f"torch.load without weights_only=True: {unsafe}"
     # nothing imports pickle / dill / joblib to read files either
     imports = []
@@ -83,7 +83,8 @@ def test_a_resume_loads_nothing_with_weights_only_false_and_writes_safetensors(t
     assert any(n.endswith(".safetensors") for n in names), names
     pickled = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
     # accelerate's optimizer / RNG / sampler state is pickle-format (read back weights_only, below); no model weights
-    assert all(re.fullmatch(r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl|sampler(_\d+)?\.bin)", n) for n in pickled), pickled
+    state_files = r"(optimizer(_\d+)?\.bin|random_states_\d+\.pkl|sampler(_\d+)?\.bin)"
+    assert all(re.fullmatch(state_files, n) for n in pickled), pickled
 
     real, calls = torch.load, []
 
