@@ -140,7 +140,7 @@ def test_trust_remote_code_is_never_true_and_only_comes_from_the_config():
     for where, call in calls:
         value = _trust_value(call)
         if value is None:
-            continue  # omitted: transformers' default never runs remote code without asking (see the xfail below)
+            continue  # omitted: checked by the next test
         if value != "False" and "trust_remote_code" not in value and value != "trust":
             bad.append((where, value))
     assert bad == []
@@ -154,11 +154,10 @@ def test_trust_remote_code_is_never_true_and_only_comes_from_the_config():
     assert ModelConfig().trust_remote_code is False
 
 
-@pytest.mark.xfail(strict=True, reason="a few from_pretrained calls on local folders omit trust_remote_code "
-                   "(vltrain/inference.py, vltrain/lora.py: owners asked to pass the config value or False)")
 def test_every_from_pretrained_passes_trust_remote_code_explicitly():
+    """No from_pretrained leaves trust_remote_code to transformers' default: each passes the config's value."""
     omitted = [where for where, call in _from_pretrained_calls()
-               if _trust_value(call) is None and not where.startswith("vltrain/lora.py:240")]  # PeftConfig: no code
+               if _trust_value(call) is None and ast.unparse(call.func) != "PeftConfig.from_pretrained"]  # no code
     assert omitted == []
 
 

@@ -107,7 +107,7 @@ def load_trained(path, *, base: str | None = None, bits: int = 16, dtype: str | 
         from transformers import AutoProcessor
 
         if (adapter / "tokenizer_config.json").is_file():
-            processor = AutoProcessor.from_pretrained(str(adapter))
+            processor = AutoProcessor.from_pretrained(str(adapter), trust_remote_code=model_cfg.trust_remote_code)
     if bits == 16:
         model.to(device)
     model.eval()

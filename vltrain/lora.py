@@ -220,7 +220,7 @@ def load_model_for_lora(model_cfg, lora_cfg, device=None):
         attn = model.config._attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(
             tmp, dtype=DTYPES[model_cfg.dtype], quantization_config=qcfg, device_map=device_map,
-            attn_implementation=attn,
+            attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code,
         )
     return model, processor
 
@@ -268,16 +268,18 @@ def merge_adapter(adapter_dir: str | Path, base: str | None = None, dtype: str |
     base = base or adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass --base")
-    if dtype is None:
-        dtype = "float32"
-        recorded = adapter_dir / "vltrain_config.yaml"
-        if recorded.is_file():
-            import yaml
+    recorded = adapter_dir / "vltrain_config.yaml"
+    trained = {}
+    if recorded.is_file():
+        import yaml
 
-            dtype = (yaml.safe_load(recorded.read_text()).get("model") or {}).get("dtype", dtype)
-    model, processor = load_model(ModelConfig(name_or_path=base, dtype=dtype, attn_implementation="sdpa"))
+        trained = yaml.safe_load(recorded.read_text()).get("model") or {}
+    dtype = dtype or trained.get("dtype", "float32")
+    trust = bool(trained.get("trust_remote_code", False))  # the run's own choice; never on by default
+    model, processor = load_model(ModelConfig(name_or_path=base, dtype=dtype, attn_implementation="sdpa",
+                                              trust_remote_code=trust))
     model = load_adapter_strict(model, adapter_dir)
     merged = model.merge_and_unload()
     if (adapter_dir / "tokenizer_config.json").is_file() or (adapter_dir / "processor_config.json").is_file():
-        processor = AutoProcessor.from_pretrained(str(adapter_dir))
+        processor = AutoProcessor.from_pretrained(str(adapter_dir), trust_remote_code=trust)
     return merged, processor
