@@ -343,18 +343,25 @@ def _mask_of(batch: dict) -> torch.Tensor:
 
 def _step_metrics(accelerator, sums, values, totals, advantages, generations, *, timings, rollout_tokens,
                   max_completion_length) -> dict[str, float]:
-    """Pair the loss stats (summed over micro-batches and ranks) with the rollout's reward / length stats."""
+    """Pair the loss stats (summed over micro-batches and ranks) with the rollout's reward / length stats over
+    every rank's completions (gathered: each rank generated for its own prompts); the timings are this rank's."""
     names = sorted(sums)
     reduced = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum").tolist() if names else []
     totals_ = dict(zip(names, reduced))
     tokens = max(totals_.get("num_tokens", 1.0), 1.0)
-    lengths = [len(g.token_ids) for g in generations]
+    rows = gather_lists(accelerator, [
+        {"total": t, "advantage": a, "length": len(g.token_ids), "cut": g.finish_reason == "length",
+         **{n: v[i] for n, v in values.items()}}
+        for i, (t, a, g) in enumerate(zip(totals.tolist(), advantages.tolist(), generations))])
+    totals, advantages = torch.tensor([r["total"] for r in rows]), torch.tensor([r["advantage"] for r in rows])
+    lengths = [r["length"] for r in rows]
+    values = {n: [r[n] for r in rows] for n in values}
     rollout_s, reward_s, update_s = timings
     out = {
         "reward": float(totals.mean()), "reward_std": float(totals.std()) if len(totals) > 1 else 0.0,
         "advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
         "completion_length": sum(lengths) / max(1, len(lengths)), "completion_length_max": max(lengths, default=0),
-        "truncated_frac": sum(g.finish_reason == "length" for g in generations) / max(1, len(generations)),
+        "truncated_frac": sum(r["cut"] for r in rows) / max(1, len(rows)),
         "clip_frac": totals_.get("clip_sum", 0.0) / tokens, "kl": totals_.get("kl_sum", 0.0) / tokens,
         "entropy": totals_.get("entropy_sum", 0.0) / tokens,
         "time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/update_s": update_s,

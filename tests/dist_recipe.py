@@ -4,7 +4,7 @@
 
 BACKEND is ddp | zero3, picked through accelerate's environment variables as tests/dist_backends.py does
 (fp32, no mixed precision). Rank 0 writes OUT_DIR/summary.json (the recipe's) and every rank OUT_DIR/rank{r}.json
-with the type of its reference model.
+with the type of its reference model, its losses and (GRPO) its logged step metrics.
 """
 
 import json
@@ -40,7 +40,8 @@ def run(recipe_name: str, backend: str, data: str, out: str, overrides: list[str
         reference = getattr(result, "reference", None)
         captured.update(rank=accelerator.process_index,
                         reference=type(reference.module).__name__ if reference is not None else None,
-                        model=type(result.model).__name__, losses=result.losses)
+                        model=type(result.model).__name__, losses=result.losses,
+                        metrics=getattr(result, "metrics", None))
         return result
 
     recipe.train = train_and_capture

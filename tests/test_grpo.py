@@ -343,7 +343,7 @@ def test_demo_raises_the_held_out_reward(tmp_path):
 def test_sharded_grpo_rollouts_and_updates_run(tmp_path, prompt_data, backend, nproc):
     """ZeRO-3 (2 CPU processes) / FSDP2 (accelerate runs FSDP only on CUDA: one GPU process): synced generation
     of every rank's own prompts (one image prompt and one text / video prompt per rank), a sharded reference
-    (beta > 0), finite losses on every rank."""
+    (beta > 0), finite losses on every rank, and the same reward / length metrics (gathered) on every rank."""
     if backend == "zero3":
         pytest.importorskip("deepspeed")
     import socket
@@ -366,3 +366,10 @@ def test_sharded_grpo_rollouts_and_updates_run(tmp_path, prompt_data, backend, n
     else:  # fully_shard swaps in an FSDP subclass of the model's class, for the policy and the frozen reference
         assert ranks[0]["model"].startswith("FSDP") and ranks[0]["reference"].startswith("FSDP"), ranks[0]
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks) and all(math.isfinite(x) for x in ranks[0]["losses"])
+    # reward / length stats are over every rank's completions (each rank generated for its own prompts), so
+    # every rank logs the same values; only the timings are a rank's own
+    shared = [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in ranks[0]["metrics"]]
+    for r in ranks[1:]:
+        assert [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in r["metrics"]] \
+            == shared
+    assert shared and all(m["completion_length"] > 0 for m in shared)
