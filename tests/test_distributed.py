@@ -137,7 +137,7 @@ def _export_loss(export_dir, batch_file) -> float:
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32).eval()
-    batch = torch.load(batch_file, weights_only=False)
+    batch = torch.load(batch_file, weights_only=True)
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "labels", "pixel_values", "image_grid_thw",
             "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     with torch.no_grad():
