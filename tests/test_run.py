@@ -167,3 +167,15 @@ def test_torchaos_enum_notice_from_torch_is_not_shown_once_logging_is_set_up():
     assert "is an Enum subclass" in run(setup=False)
     shown = run(setup=True)
     assert "is an Enum subclass" not in shown and "another pytree notice" in shown
+
+
+def test_a_failure_during_a_progress_bar_ends_on_the_message_not_on_the_bar():
+    """A mistake found while a bar is drawn (a bad record in the loop): `fail` closes the bar first, so the error is
+    the last line of stderr, on a line of its own (before, the bar was redrawn after it at exit)."""
+    script = ("import sys\nfrom tqdm.auto import tqdm\nfrom vltrain.run import fail\n"
+              "bar = tqdm(total=10, desc='sft')\nbar.update(3)\nfail('data error: record 7 of a.json: no image')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.rstrip("\n").split("\n")
+    assert lines[-1] == "data error: record 7 of a.json: no image", proc.stderr
+    assert "3/10" in lines[-2], proc.stderr

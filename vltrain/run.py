@@ -165,6 +165,10 @@ def fail(message: str) -> None:
     the line is also appended to that file, so that the CLI can repeat it after a multi-process launcher's report."""
     import os
 
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a live bar would be redrawn after the message at exit
+        bar.close()
     error_file = os.environ.get("VLTRAIN_ERROR_FILE")
     if error_file:
         with open(error_file, "a") as f:
