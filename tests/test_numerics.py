@@ -397,9 +397,6 @@ def test_multi_label_and_regression_losses_at_the_limits():
     _assert_guarded(head, mse.sum())
 
 
-@pytest.mark.xfail(strict=True, reason="vltrain/config.py (CLSSection.validate) accepts these: a negative alpha "
-                   "trains that class's loss upwards, a NaN one skips every step holding the class, a NaN gamma "
-                   "fails only at the first step; its owner is asked to refuse them")
 @pytest.mark.parametrize("options", [["cls.focal_gamma=nan"], ["cls.focal_alpha=[-1.0,1.0,1.0]"],
                                      ["cls.focal_alpha=[.nan,1.0,1.0]"]])
 def test_config_refuses_non_finite_or_negative_focal_options(options, tmp_path, media_dir):

@@ -2,12 +2,19 @@
 
     cfg = load_config(SFTConfig, "recipes/configs/demo.yaml", ["optim.lr=1e-4", "train.max_steps=10"])
 
-Unknown keys, wrong types and inconsistent values raise `ValueError` naming the dotted field.
+Unknown keys (with a did-you-mean), wrong types, non-finite numbers (nan, inf), values out of range, contradictory
+or orphaned options (set but meaningless with the rest of the config) and missing folders (`data.image_folder`,
+`train.resume`) raise `ValueError` naming the dotted field, in one line, before any model loads: the recipes
+validate in `setup` (vltrain.run.parse_config). A missing data file is reported by `vltrain.run.open_run`, also
+before the model loads (configs may name data files that are written later, e.g. by tests and the inspector).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +125,8 @@ class DataConfig(MediaConfig):
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.nframes is not None and self.nframes < 2:
             raise ValueError(f"data.nframes must be at least 2, got {self.nframes}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
         from vltrain.data.template import resolve_system_prompt
 
         resolve_system_prompt(self.system_prompt)  # an unknown builtin: name fails here
@@ -132,6 +141,9 @@ class TrainableConfig:
     unfreeze_topk_vision: int = 0  # with freeze_vision_tower: train the top k vision blocks anyway
 
     def validate(self) -> None:
+        for name in ("unfreeze_topk_llm", "unfreeze_topk_vision"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainable.{name} must be >= 0 (a number of top layers), got {getattr(self, name)}")
         if self.unfreeze_topk_llm and not self.freeze_llm:
             raise ValueError("trainable.unfreeze_topk_llm needs trainable.freeze_llm=true (the LLM is already trained)")
         if self.unfreeze_topk_vision and not self.freeze_vision_tower:
@@ -173,25 +185,32 @@ class LoraConfig:
             return
         if lora.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {lora.rank}")
+        if lora.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0 (the update is scaled by alpha / rank), got {lora.alpha}")
         if not 0 <= lora.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
         if lora.moe_experts and lora.dropout:
-            raise ValueError("lora.moe_experts=true needs lora.dropout=0 (peft's adapters on fused expert weights have no dropout)")
+            raise ValueError("lora.moe_experts=true needs lora.dropout=0 (peft's adapters on fused expert weights "
+                             "have no dropout)")
         if lora.moe_experts and lora.use_dora:
-            raise ValueError("lora.moe_experts=true cannot be combined with lora.use_dora=true (peft has no DoRA for fused expert weights)")
+            raise ValueError("lora.moe_experts=true cannot be combined with lora.use_dora=true (peft has no DoRA for "
+                             "fused expert weights)")
         if not trainable.freeze_llm:
             raise ValueError(
                 "lora.enabled=true trains the LLM through adapters: set trainable.freeze_llm=true "
                 "(trainable.unfreeze_topk_llm still trains the top layers fully)"
             )
         if lora.vision_lora and not trainable.freeze_vision_tower:
-            raise ValueError("lora.vision_lora=true needs trainable.freeze_vision_tower=true (adapters replace full training)")
+            raise ValueError("lora.vision_lora=true needs trainable.freeze_vision_tower=true (adapters replace full "
+                             "training)")
         if lora.vision_lora_merger and not lora.vision_lora:
             raise ValueError("lora.vision_lora_merger=true needs lora.vision_lora=true")
         if lora.vision_lora_merger and not trainable.freeze_merger:
-            raise ValueError("lora.vision_lora_merger=true needs trainable.freeze_merger=true (adapters replace full training)")
+            raise ValueError("lora.vision_lora_merger=true needs trainable.freeze_merger=true (adapters replace full "
+                             "training)")
         if lora.bits != 16 and not (trainable.freeze_llm and trainable.unfreeze_topk_llm == 0):
-            raise ValueError("lora.bits=4/8 quantizes the LLM: trainable.unfreeze_topk_llm must be 0 (4/8-bit weights cannot train)")
+            raise ValueError("lora.bits=4/8 quantizes the LLM: trainable.unfreeze_topk_llm must be 0 (4/8-bit weights "
+                             "cannot train)")
 
 
 @dataclass
@@ -217,6 +236,22 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be >= 0, got {value}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ValueError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.min_lr_ratio and self.scheduler == "constant":
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} is where a decay ends, but "
+                             "optim.scheduler=constant does not decay: drop it or choose cosine / linear")
 
 
 @dataclass
@@ -224,17 +259,17 @@ class TrainConfig:
     output_dir: str = "outputs/sft"  # config.yaml, checkpoints/, final/, metrics.jsonl, plots.png and logs go here
     seed: int = 42  # seeds model init (tiny models), data order and sampling
     num_epochs: float = 1.0  # passes over the training data (max_steps > 0 takes precedence)
-    max_steps: int = -1  # > 0 overrides num_epochs
+    max_steps: int = -1  # > 0 overrides num_epochs; -1: train for num_epochs
     micro_batch_size: int = 1  # examples per forward pass on each process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     log_every: int = 1  # optimizer steps between log lines (and tracker / metrics.jsonl records)
     eval_every: int = 0  # optimizer steps; 0: only at the end (when there is eval data)
     save_every: int = 0  # optimizer steps; 0: no intermediate checkpoints
-    save_total_limit: int = 2  # checkpoints kept (older ones are deleted)
+    save_total_limit: int = 2  # checkpoints kept (older ones are deleted); 0 or less: keep every checkpoint
     # Tracker for the metrics; tensorboard writes under output_dir/<run_name> (tensorboard --logdir OUTPUT_DIR)
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     run_name: str | None = None  # the tracker's run name (None: the recipe's name)
-    resume: str | None = None  # "auto" or a checkpoint folder
+    resume: str | None = None  # "auto" or a checkpoint folder (checked when the config loads)
     eval_exact_match: int = 0  # after training: exact-match accuracy of greedy answers on this many eval samples
     # A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run.
     max_bad_steps: int = 5
@@ -246,8 +281,44 @@ class TrainConfig:
             raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.max_bad_steps < 1:
             raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.max_steps < 1 and self.max_steps != -1:
+            raise ValueError(f"train.max_steps must be > 0, or -1 to train for train.num_epochs, got {self.max_steps}")
+        if self.num_epochs < 0:
+            raise ValueError(f"train.num_epochs must be >= 0, got {self.num_epochs}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
-            raise ValueError("set train.max_steps > 0 or train.num_epochs > 0")
+            raise ValueError(f"train.num_epochs={self.num_epochs:g} with train.max_steps={self.max_steps} trains "
+                             "nothing: set train.max_steps > 0 or train.num_epochs > 0")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        for name, zero in (("eval_every", "only at the end"), ("save_every", "no intermediate checkpoints"),
+                           ("eval_exact_match", "off")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+        if self.run_name is not None and self.report_to == "none":
+            raise ValueError(f"train.run_name={self.run_name!r} names a tracker run, but train.report_to=none "
+                             "starts no tracker: drop it or set train.report_to")
+        if self.resume is not None and self.resume != "auto":
+            check_resume_folder(self.resume)
+
+
+CHECKPOINT_COMPLETE = "COMPLETE"  # vltrain.checkpoint.COMPLETE (that module imports torch; config stays free of it)
+
+
+def check_resume_folder(resume: str) -> None:
+    """ValueError naming `train.resume` when the folder is missing or not a complete checkpoint, at config load
+    (vltrain.checkpoint.resolve_resume checks the same again, after the model is built)."""
+    path = Path(resume)
+    if not path.exists():
+        raise ValueError(f"train.resume={resume!r}: no such folder (give a checkpoint folder, "
+                         "<train.output_dir>/checkpoints/step_N, or 'auto')")
+    if not (path / CHECKPOINT_COMPLETE).is_file():
+        hint = " (that is the checkpoints folder: pick one step_N in it, or use 'auto')" if (
+            path.is_dir() and any(path.glob("step_*"))) else ""
+        raise ValueError(f"train.resume={resume!r} is not a complete checkpoint (no {CHECKPOINT_COMPLETE} "
+                         f"marker){hint}")
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # media paths under a URL folder are fetched (vltrain.data.media)
 
 
 @dataclass
@@ -263,17 +334,39 @@ class SFTConfig:
         for section in (self.model, self.data, self.trainable, self.optim, self.train):
             section.validate()
         self.lora.validate(self.trainable)
+        trainable, lora = self.trainable, self.lora
+        all_frozen = trainable.freeze_vision_tower and trainable.freeze_merger and trainable.freeze_llm
+        unfrozen = trainable.unfreeze_topk_llm or trainable.unfreeze_topk_vision
+        if all_frozen and not unfrozen and not lora.enabled and not hasattr(self, "cls"):  # a classifier: its head
+            raise ValueError("trainable.freeze_vision_tower, trainable.freeze_merger and trainable.freeze_llm are all "
+                             "true, with no trainable.unfreeze_topk_* and no lora.enabled: nothing to train")
+        vision_trains = not trainable.freeze_vision_tower or trainable.unfreeze_topk_vision or lora.vision_lora
+        if self.optim.vision_lr is not None and not vision_trains:
+            raise ValueError(f"optim.vision_lr={self.optim.vision_lr:g} is set but nothing in the vision tower trains "
+                             "(trainable.freeze_vision_tower=true, no trainable.unfreeze_topk_vision, no "
+                             "lora.vision_lora): drop it")
+        if self.optim.merger_lr is not None and trainable.freeze_merger and not lora.vision_lora_merger:
+            raise ValueError(f"optim.merger_lr={self.optim.merger_lr:g} is set but the merger does not train "
+                             "(trainable.freeze_merger=true, no lora.vision_lora_merger): drop it")
         from vltrain.data.mixture import check_weights_match_files
 
         check_weights_match_files(self.data.train_path, self.data.weights)
         synthetic = self.data.is_synthetic()  # the demo generates its eval split
         for name in ("eval_every", "eval_exact_match"):
             if getattr(self.train, name) and not (self.data.eval_path or synthetic):
-                raise ValueError(f"train.{name}={getattr(self.train, name)} needs data.eval_path (there is nothing to evaluate on)")
+                raise ValueError(f"train.{name}={getattr(self.train, name)} needs data.eval_path (there is nothing to "
+                                 "evaluate on)")
         if not self.data.train_path and not self.model.name_or_path.startswith("tiny:"):
             raise ValueError("data.train_path is required")
         if self.optim.head_lr is not None and not hasattr(self, "cls"):
-            raise ValueError("optim.head_lr is the learning rate of a classifier's head (recipes/cls.py); this model has none")
+            raise ValueError("optim.head_lr is the learning rate of a classifier's head (recipes/cls.py); this model "
+                             "has none")
+        # a synthetic:* demo writes its data (and points data.image_folder at it) when the run opens
+        folder = self.data.image_folder
+        if folder and not synthetic and not _URL.match(folder) and not Path(folder).is_dir():
+            what = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+            raise ValueError(f"data.image_folder={folder!r} {what} (relative media paths are resolved against it; "
+                             "data.image_folder=null when the records give absolute paths)")
 
 
 @dataclass
@@ -323,6 +416,11 @@ class DPOConfig(SFTConfig):
             raise ValueError("train.eval_exact_match is an SFT option; DPO's generation check is dpo.eval_generations")
         if self.dpo.eval_generations and not (self.data.eval_path or self.data.is_synthetic()):
             raise ValueError("dpo.eval_generations needs data.eval_path (held-out pairs to answer)")
+        from vltrain.preference import needs_reference
+
+        if self.dpo.precompute_ref_log_probs and not needs_reference(self.dpo.loss_type):
+            raise ValueError(f"dpo.precompute_ref_log_probs=true but dpo.loss_type={self.dpo.loss_type} is "
+                             "reference-free (sft, simpo and orpo read no reference log-probs): drop it")
         if self.dpo.precompute_ref_log_probs and self.data.weights is not None:
             raise ValueError("dpo.precompute_ref_log_probs scores the pairs of one epoch's draw, which data.weights "
                              "may leave some pairs out of: drop data.weights (the files are then concatenated)")
@@ -372,10 +470,22 @@ class GRPOSection:
             raise ValueError(f"grpo.max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if not 0 < self.temperature:
             raise ValueError(f"grpo.temperature must be > 0 (rollouts sample), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"grpo.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"grpo.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"grpo.min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"grpo.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2: group-normalised advantages need a group")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError("grpo.epsilon and grpo.epsilon_high must be >= 0")
+        # cispo has no lower clip (epsilon is unused there): only the clipped surrogates compare the two
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon and self.loss_type != "cispo":
+            raise ValueError(f"grpo.epsilon_high={self.epsilon_high} is below grpo.epsilon={self.epsilon}: the upper "
+                             "clip (clip-higher, DAPO) must be >= the lower one (None: the same)")
         if self.beta < 0:
             raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
@@ -384,7 +494,8 @@ class GRPOSection:
         if self.eval_prompts < 0 or self.log_completions < 0:
             raise ValueError("grpo.eval_prompts and grpo.log_completions must be >= 0")
         if self.reward_timeout is not None and not self.reward_timeout >= 0:
-            raise ValueError(f"grpo.reward_timeout must be >= 0 seconds (0 or None: no limit), got {self.reward_timeout}")
+            raise ValueError(f"grpo.reward_timeout must be >= 0 seconds (0 or None: no limit), got "
+                             f"{self.reward_timeout}")
 
 
 @dataclass
@@ -451,7 +562,8 @@ class CLSSection:
                 raise ValueError("set cls.num_labels (the upstream's --num_labels) or cls.classes")
             self.num_labels = 1
         if self.problem_type == "regression" and self.num_labels != 1:
-            raise ValueError(f"cls.problem_type=regression predicts one number: cls.num_labels must be 1, got {self.num_labels}")
+            raise ValueError(f"cls.problem_type=regression predicts one number: cls.num_labels must be 1, got "
+                             f"{self.num_labels}")
         if self.problem_type != "regression" and self.num_labels < 2:
             raise ValueError(f"cls.num_labels must be >= 2 for {self.problem_type}, got {self.num_labels}")
         allowed = LOSSES_FOR[self.problem_type]
@@ -471,7 +583,10 @@ class CLSSection:
             raise ValueError(f"cls.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.focal_alpha is not None and len(self.focal_alpha) != self.num_labels:
             raise ValueError(f"cls.focal_alpha has {len(self.focal_alpha)} values for {self.num_labels} classes")
-        if self.focal_gamma < 0:
+        for i, alpha in enumerate(self.focal_alpha or []):
+            if not alpha >= 0:  # a negative weight trains that class's loss upwards
+                raise ValueError(f"cls.focal_alpha[{i}] must be >= 0 (a class weight), got {alpha}")
+        if not self.focal_gamma >= 0:
             raise ValueError(f"cls.focal_gamma must be >= 0, got {self.focal_gamma}")
         if not 0 <= self.class_balanced_beta < 1:
             raise ValueError(f"cls.class_balanced_beta must be in [0, 1), got {self.class_balanced_beta}")
@@ -487,6 +602,9 @@ class CLSSection:
                              f"{', '.join(metrics)}")
         if self.early_stopping_patience < 0 or self.early_stopping_threshold < 0:
             raise ValueError("cls.early_stopping_patience and cls.early_stopping_threshold must be >= 0")
+        if self.early_stopping_threshold != defaults.early_stopping_threshold and not self.early_stopping_patience:
+            raise ValueError(f"cls.early_stopping_threshold={self.early_stopping_threshold} only means something with "
+                             "cls.early_stopping_patience > 0 (early stopping is off): set both, or drop it")
 
 
 CLS_METRICS = {"single_label": ("loss", "accuracy", "macro_f1", "macro_precision", "macro_recall", "auroc"),
@@ -505,11 +623,17 @@ class CLSConfig(SFTConfig):
         super().validate()
         self.cls.validate()
         if self.train.eval_exact_match:
-            raise ValueError("train.eval_exact_match is an SFT option; classification reports accuracy and F1 on data.eval_path")
-        if self.cls.early_stopping_patience and not (self.train.eval_every and (self.data.eval_path or self.data.is_synthetic())):
+            raise ValueError("train.eval_exact_match is an SFT option; classification reports accuracy and F1 on "
+                             "data.eval_path")
+        has_eval = bool(self.data.eval_path or self.data.is_synthetic())  # the synthetic demo writes its eval split
+        if self.cls.metric_for_best != "loss" and not has_eval:
+            raise ValueError(f"cls.metric_for_best={self.cls.metric_for_best} picks the best evaluation, but without "
+                             "data.eval_path there is none: set data.eval_path, or drop it")
+        if self.cls.early_stopping_patience and not (self.train.eval_every and has_eval):
             raise ValueError("cls.early_stopping_patience needs evaluations: set data.eval_path and train.eval_every")
         if self.cls.balanced_sampler and self.data.max_tokens_per_batch is not None:
-            raise ValueError("cls.balanced_sampler cannot be combined with data.max_tokens_per_batch (both choose the batches)")
+            raise ValueError("cls.balanced_sampler cannot be combined with data.max_tokens_per_batch (both choose the "
+                             "batches)")
         if self.cls.balanced_sampler and self.data.weights is not None:
             raise ValueError("cls.balanced_sampler cannot be combined with data.weights (both choose the samples)")
 
@@ -545,7 +669,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, got {value!r}")
-        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else (args[0] if args else Any,) * len(value)
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        item_types = args if fixed else (args[0] if args else Any,) * len(value)
         if origin is tuple and len(item_types) != len(value):
             raise ValueError(f"{name} must have {len(item_types)} items, got {value!r}")
         items = [_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))]
@@ -573,14 +698,56 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                     if not as_float.is_integer():
                         raise ValueError
                     number = int(as_float)
-            return number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is float and not math.isfinite(number):  # no field means anything by nan or inf (None is "no limit")
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+# Upstream and HF Trainer / peft names of fields that are spelled differently here (README's tables)
+UPSTREAM_NAMES = {
+    "model_id": "model.name_or_path", "model_name_or_path": "model.name_or_path",
+    "disable_flash_attn2": "model.attn_implementation", "use_liger": "model.kernels",
+    "data_path": "data.train_path", "dataloader_num_workers": "data.num_workers",
+    "num_train_epochs": "train.num_epochs", "per_device_train_batch_size": "train.micro_batch_size",
+    "logging_steps": "train.log_every", "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every", "resume_from_checkpoint": "train.resume", "max_train_steps": "train.max_steps",
+    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "adam_epsilon": "optim.eps",
+    "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
+    "lora_enable": "lora.enabled", "lora_rank": "lora.rank", "lora_r": "lora.rank", "r": "lora.rank",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_bias": "lora.bias",
+    "lora_namespan_exclude": "lora.namespan_exclude",
+}
+
+
+def _all_fields() -> set[str]:
+    """Every `section.field` of the four whole configs."""
+    names = set()
+    for root in (SFTConfig, DPOConfig, GRPOConfig, CLSConfig):
+        for section, tp in typing.get_type_hints(root).items():
+            names |= {f"{section}.{f.name}" for f in dataclasses.fields(tp)}
+    return names
+
+
+def _did_you_mean(key: str, known: set[str], prefix: str, section_like: bool = False) -> str:
+    """'; did you mean 'x.y'?' for a mistyped field: an upstream name, the name of a field of exactly one other
+    section (`train.lr` -> `optim.lr`), or a close spelling in the same section (difflib); else ''. A key holding a
+    mapping (`section_like`) is a mistyped section: only spellings are compared."""
+    section = f"{prefix}." if prefix else ""
+    if key in UPSTREAM_NAMES and not section_like:
+        return f"; did you mean {UPSTREAM_NAMES[key]!r}?"
+    if "." not in prefix and not section_like:  # the top level or a section: the exact name in another section
+        elsewhere = {dotted for dotted in _all_fields() if dotted.split(".", 1)[1] == key}
+        if len(elsewhere) == 1:
+            return f"; did you mean {elsewhere.pop()!r}?"
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {section + close[0]!r}?" if close else ""
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -589,7 +756,8 @@ def _build(cls, values: dict, prefix: str = ""):
     for key in values:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
-            raise ValueError(f"unknown config field {where!r}; known fields here: {sorted(known)}")
+            hint = _did_you_mean(str(key), known, prefix, section_like=isinstance(values[key], dict))
+            raise ValueError(f"unknown config field {where!r}{hint}; known fields here: {sorted(known)}")
     kwargs = {}
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else key
