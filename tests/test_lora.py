@@ -282,3 +282,19 @@ def test_qlora_with_fused_linear_ce_matches_the_stock_loss(tmp_path, image_data,
     stock, fused = losses["[]"], losses["[fused_linear_ce]"]
     assert fused[0] == pytest.approx(stock[0], rel=2e-3)
     assert fused[1] == pytest.approx(stock[1], rel=2e-2)
+
+
+def test_get_module_sees_through_a_peft_model_and_its_inner_tuner():
+    """`vltrain.families.get_module` finds the same vision tower in the model, its PeftModel and the PeftModel's
+    inner LoraModel (whose own `base_model` attribute is the transformers model's inner model, not the model)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from vltrain.families import get_module
+
+    model, _ = build_tiny("qwen2_5_vl")
+    tower = model.model.visual
+    adapted = get_peft_model(model, PeftLoraConfig(r=4, target_modules=family_spec(model).llm_lora_regex()))
+    path = family_spec(model).vision_module
+    assert get_module(model, path) is tower
+    assert get_module(adapted, path) is tower
+    assert get_module(adapted.base_model, path) is tower

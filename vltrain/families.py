@@ -105,10 +105,16 @@ def family_spec(model_or_type) -> FamilySpec:
 
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """`model.get_submodule(path)` that sees through a peft wrapper."""
+    """`model.get_submodule(path)` that sees through a peft wrapper: a PeftModel or its inner tuner (LoraModel)."""
     base = model
-    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
-        base = model.base_model.model
+    if hasattr(model, "peft_config"):
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+
+        if isinstance(model, PeftModel):
+            base = model.base_model.model
+        elif isinstance(model, BaseTuner):  # its `base_model` would be the transformers model's inner model
+            base = model.model
     return base.get_submodule(path)
 
 
