@@ -317,3 +317,22 @@ def test_screenshot_of_a_report(planted):
         page.screenshot(path=str(artifacts / "inspect.png"), full_page=True)
         browser.close()
     assert (artifacts / "inspect.png").stat().st_size > 10_000
+
+
+def test_a_mixture_report_counts_every_train_file(tmp_path, processor):
+    """With data.train_path a list of files, the page's headline counts (media missing, over-length, token
+    percentiles) cover every file, not the first one only."""
+    write_image(tmp_path / "a.png", (56, 56))
+    good = [r for r in planted_records() if r["id"] not in EXPECTED_REJECTED]
+    (tmp_path / "first.json").write_text(json.dumps(good))
+    (tmp_path / "second.json").write_text(json.dumps([r for r in planted_records() if r["id"] == "missing_img"] + good))
+    cfg = sft_config(tmp_path, tmp_path / "first.json")
+    cfg.data.train_path = [str(tmp_path / "first.json"), str(tmp_path / "second.json")]
+    report = inspect_data(cfg, "sft", processor=processor, image_factor=family_spec(MODEL).image_factor,
+                          num_examples=1, show_progress=False)
+    splits = report["splits"]
+    assert splits["train"]["missing_media"] == [] and splits["train[1]"]["missing_media"] == ["missing_img"]
+    page = render_html(report)
+    assert '<div class="v">1</div><div class="k">train samples with media missing</div>' in page
+    longest = max(s["tokens"] for name in ("train", "train[1]") for s in splits[name]["samples"])
+    assert f'/ {longest:,}</div><div class="k">train tokens p50 / max</div>' in page

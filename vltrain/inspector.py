@@ -819,11 +819,12 @@ def render_html(report: dict, *, title: str = "vltrain data inspector", config: 
     for name, s in splits.items():
         stats += [_stat(_fmt(s["num_read"]), f"{name} samples read"), _stat(_fmt(s["num_usable"]), f"{name} usable"),
                   _stat(_fmt(s["num_rejected"]), f"{name} rejected", bad=s["num_rejected"] > 0)]
-    train = splits["train"]
-    stats += [_stat(_fmt(len(train["missing_media"])), "train samples with media missing", bad=bool(train["missing_media"])),
-              _stat(_fmt(len(train["over_length"])), f"train over {train['limit']:,} tokens", bad=bool(train["over_length"]))]
-    if train["percentiles"]["tokens"]:
-        q = train["percentiles"]["tokens"]
+    trains = [s for name, s in splits.items() if name.split("[")[0] == "train"]  # every file of a mixture
+    missing, over = sum(len(s["missing_media"]) for s in trains), sum(len(s["over_length"]) for s in trains)
+    stats += [_stat(_fmt(missing), "train samples with media missing", bad=bool(missing)),
+              _stat(_fmt(over), f"train over {trains[0]['limit']:,} tokens", bad=bool(over))]
+    q = _percentiles([sample["tokens"] for s in trains for sample in s["samples"]])
+    if q:
         stats.append(_stat(f'{q["p50"]:,} / {q["max"]:,}', "train tokens p50 / max"))
     est_line = ""
     if est and not est["error"]:
