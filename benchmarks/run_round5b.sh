@@ -8,6 +8,10 @@
 #   bash benchmarks/run_round5b.sh vpos    # Qwen2.5-VL-3B / Qwen3-VL-4B full FT with and without vision_positions
 #   bash benchmarks/run_round5b.sh fp8     # bench_fp8.py: bf16 vs float8 (+ compile_layers), 50-step loss agreement
 #   bash benchmarks/run_round5b.sh gputests  # the GPU tests of vision_positions and float8
+#   bash benchmarks/run_round5b.sh ratios  # HF-default vs vltrain (all: now with vision_positions), Qwen3-VL-4B and
+#                                          # Qwen2-VL-2B full FT, same process: #15's ratio targets
+# Measured 2026-12-02 (session 6): hang (fixed), data, profq3, vpos (qwen3_vl_4b only), fp8, gputests
+# (vision_positions; float8's revised GPU test not re-run). Not yet run: profq2, prof7l, vpos for 3B, ratios.
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -43,6 +47,8 @@ vpos) for p in qwen2_5_vl_3b qwen3_vl_4b; do timeout 200 $B --preset $p \
         --runs vltrain:full:gc1@16384,vltrain:full:gc1+vision_positions@16384 --out "$OUT/r5_vpos_$p.json" 2>&1 | show; done ;;
 fp8) timeout 300 python benchmarks/bench_fp8.py --preset qwen2_5_vl_3b --out "$OUT/r5_fp8_3b.json" 2>&1 \
        | grep -Ev 'Warning|warn' | tail -20 ;;
+ratios) for p in qwen3_vl_4b qwen2_vl_2b; do timeout 240 $B --preset $p --runs hf:full:gc1@4,vltrain:full:gc1@16384 \
+          --out "$OUT/r5_ratio_$p.json" 2>&1 | show; done ;;
 gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_positions.py tests/test_float8.py -s -p no:cacheprovider \
             2>&1 | grep -Ev 'Warning|warn' | tail -30 ;;
 *) echo "unknown stage $stage"; exit 2 ;;
