@@ -207,7 +207,10 @@ def test_patch_before_vision_varlen_and_max_seqlen_reaches_every_block():
 # --- the cache ---------------------------------------------------------------------------------------------
 
 
-def test_same_grids_build_nothing_new_and_the_same_grid_tensor_reads_nothing():
+def test_same_grids_build_nothing_new_and_the_same_grid_tensor_reads_nothing(monkeypatch):
+    # fresh caches: the module-level ones hold the grids of every earlier test that ran `all` in this process
+    monkeypatch.setattr(vision_positions, "_HOST", vision_positions._LRU(size=64))
+    monkeypatch.setattr(vision_positions, "_DEVICE", vision_positions._LRU(size=16))
     _, patched, processor = stock_and_copy("qwen3_vl")
     patch_vision_positions(patched, "qwen3_vl")
     apply_kernels(patched, ["vision_varlen"])
