@@ -43,10 +43,9 @@ from pathlib import Path
 
 import torch
 
-from vltrain.config import dump_config
+from vltrain.config import CHECKPOINT_COMPLETE as COMPLETE, check_resume_folder, dump_config
 
 log = logging.getLogger(__name__)
-COMPLETE = "COMPLETE"
 SCHEDULER_FILE = "scheduler.json"
 LEGACY_SCHEDULER_FILE = "scheduler_vltrain.pt"  # pickled by vltrain before the JSON file
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -78,10 +77,8 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
             print0(f"train.resume=auto: no complete checkpoint in {Path(output_dir) / 'checkpoints'}; starting at step 0")
         return found
-    path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise ValueError(f"train.resume={resume!r} is not a complete checkpoint (no {COMPLETE} marker)")
-    return path
+    check_resume_folder(resume)  # already checked at config load; the folder may have gone since
+    return Path(resume)
 
 
 def _trainable_names(module) -> set[str]:

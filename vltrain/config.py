@@ -301,12 +301,12 @@ class TrainConfig:
             check_resume_folder(self.resume)
 
 
-CHECKPOINT_COMPLETE = "COMPLETE"  # vltrain.checkpoint.COMPLETE (that module imports torch; config stays free of it)
+CHECKPOINT_COMPLETE = "COMPLETE"  # the marker a checkpoint writes last (vltrain.checkpoint imports it as COMPLETE)
 
 
 def check_resume_folder(resume: str) -> None:
-    """ValueError naming `train.resume` when the folder is missing or not a complete checkpoint, at config load
-    (vltrain.checkpoint.resolve_resume checks the same again, after the model is built)."""
+    """ValueError naming `train.resume` when the folder is missing or not a complete checkpoint: at config load
+    (TrainConfig.validate) and again in vltrain.checkpoint.resolve_resume, after the model is built."""
     path = Path(resume)
     if not path.exists():
         raise ValueError(f"train.resume={resume!r}: no such folder (give a checkpoint folder, "
