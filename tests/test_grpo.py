@@ -368,8 +368,8 @@ def test_sharded_grpo_rollouts_and_updates_run(tmp_path, prompt_data, backend, n
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks) and all(math.isfinite(x) for x in ranks[0]["losses"])
     # reward / length stats are over every rank's completions (each rank generated for its own prompts), so
     # every rank logs the same values; only the timings are a rank's own
-    shared = [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in ranks[0]["metrics"]]
-    for r in ranks[1:]:
-        assert [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in r["metrics"]] \
-            == shared
-    assert shared and all(m["completion_length"] > 0 for m in shared)
+    def shared(rank):
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in rank["metrics"]]
+
+    assert all(shared(r) == shared(ranks[0]) for r in ranks[1:])
+    assert shared(ranks[0]) and all(m["completion_length"] > 0 for m in shared(ranks[0]))
