@@ -44,7 +44,7 @@ from bench_sft import PRESETS, matmul_ceiling, micro_batches, model_flops, prepa
 # A small-but-not-tiny Qwen2.5-VL for the GPU test of tests/test_float8.py (4 layers of hidden 1024; the 3B's
 # vocabulary, so bench_sft's media token ids fit): every float8 linear is large enough for torch._scaled_mm.
 SMALL = {"small_qwen2_5_vl": ("qwen2_5_vl_3b", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                                                    num_attention_heads=16, num_key_value_heads=2),
+                                                    num_attention_heads=8, num_key_value_heads=2),  # head_dim 128 as the 3B: mrope [16, 24, 24]
                               dict(depth=4, out_hidden_size=1024))}
 
 

@@ -26,7 +26,7 @@ Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.0
 linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
 N-th layer); suffixes: `c` = + kernels compile_layers (`cx`: compiled, with liger's RMSNorm/SwiGLU
 left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or micro-batch size (hf), e.g.
-`+name` = also this kernel (vltrain, loop), e.g.
+`+name` = also this kernel, `-name` = "all" without this kernel (vltrain, loop), e.g.
 `vltrain:full:gc1c@32768`, `hf:full:gc0@1`, `loop:full:gc1@16384`, `vltrain:full:gc1+vision_positions@16384`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
@@ -266,6 +266,22 @@ def micro_batches(path, examples, model, args, budget=None):
     return [model_inputs(b) for b in batches]  # tensors the model takes (batches also carry ids, skip records)
 
 
+def kernel_list(model, compile_layers: str, extra_kernels=()) -> list[str]:
+    """The kernels of a vltrain / loop run: "all" ("cx": compiled, without liger's RMSNorm / SwiGLU, which
+    inductor fuses itself), each "+name" added, each "-name" left out of "all"."""
+    from vltrain.kernels import OLD_NAMES, OPT_IN, applicable_kernels
+
+    plus = [k[1:] for k in extra_kernels if k[0] == "+"]
+    minus = {k[1:] for k in extra_kernels if k[0] == "-"}
+    if compile_layers == "cx":
+        kernels = [k for k in ("fused_linear_ce", "vision_varlen", "patch_embed_linear") if k in applicable_kernels(model)]
+    elif minus:
+        kernels = [k for k in applicable_kernels(model) if k not in OPT_IN and k not in OLD_NAMES and k not in minus]
+    else:
+        kernels = ["all"]
+    return kernels + plus + (["compile_layers"] if compile_layers else [])
+
+
 def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=()):
     from vltrain.families import family_spec
 
@@ -275,9 +291,7 @@ def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=
 
         enable_packed_attention(model)
         # "cx": compile without liger's RMSNorm / SwiGLU (inductor fuses those itself)
-        kernels = ["fused_linear_ce", "vision_varlen", "patch_embed_linear"] if compile_layers == "cx" else ["all"]
-        apply_kernels(model, kernels + list(extra_kernels) + (["compile_layers"] if compile_layers else []),
-                      strict=False)
+        apply_kernels(model, kernel_list(model, compile_layers, extra_kernels), strict=False)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -490,19 +504,13 @@ def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: in
     """The SFTConfig of a loop run (a user's config: packing, token budget, kernels [all], default optimizer
     apart from a constant lr without warm-up). train.gradient_accumulation_steps is set by `run_loop`."""
     from vltrain.config import DataConfig, SFTConfig, from_dict
-    from vltrain.kernels import applicable_kernels
 
-    if compile_layers == "cx":  # as prepare_model: compiled, without liger's RMSNorm / SwiGLU
-        kernels = [k for k in ("fused_linear_ce", "vision_varlen", "patch_embed_linear")
-                   if k in applicable_kernels(model_type)]
-    else:
-        kernels = ["all"]
     lora = mode == "lora"
     return from_dict(SFTConfig, {
         "model": {"name_or_path": str(workdir / "model"), "dtype": "bfloat16" if device.type == "cuda" else "float32",
                   "attn_implementation": "sdpa", "gradient_checkpointing": gc_every > 0,
                   "checkpoint_every_n_layers": max(gc_every, 1),
-                  "kernels": kernels + list(extra_kernels) + (["compile_layers"] if compile_layers else [])},
+                  "kernels": kernel_list(model_type, compile_layers, extra_kernels)},
         "data": {"train_path": str(data_path), "image_folder": str(data_path.parent), "packing": True,
                  "max_tokens_per_batch": budget, "max_seq_length": min(budget, DataConfig.max_seq_length),
                  "num_workers": args.num_workers, "nframes": 8},
@@ -636,14 +644,14 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     path, mode, gcs = spec.split(":")
     # gc0: off, gc1: every layer, gcN: every N-th layer; "c": + kernels compile_layers ("cx": compiled, with
     # only the non-elementwise kernels); "@T": this run's token budget (vltrain) or micro-batch size (hf)
-    m = re.fullmatch(r"gc(\d+)(cx|c)?((?:\+\w+)*)(?:@(\d+))?", gcs)
+    m = re.fullmatch(r"gc(\d+)(cx|c)?((?:[+-]\w+)*)(?:@(\d+))?", gcs)
     if not m or path not in ("hf", "vltrain", "loop") or mode not in ("full", "lora") or ((m[2] or m[3]) and path == "hf"):
-        raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][+kernel...][@budget] "
-                         "(c/cx/+kernel: not hf)")
+        raise SystemExit(f"bad run spec {spec!r}: want hf|vltrain|loop:full|lora:gcN[c|cx][+kernel...][-kernel...]"
+                         "[@budget] (c/cx/+kernel/-kernel: not hf)")
     if path == "loop" and args.long_tokens:
         raise SystemExit(f"{spec}: --long_tokens is not implemented for the loop path (its data is write_llava_data's)")
     gc_every, compile_layers, budget = int(m[1]), m[2] or "", int(m[4]) if m[4] else None
-    extra = [k for k in m[3].split("+") if k]
+    extra = re.findall(r"[+-]\w+", m[3])  # "+name": also this kernel, "-name": "all" without it
     result = {"run": spec, "preset": args.preset, "path": path, "mode": mode, "gc": gc_every,
               "compile_layers": compile_layers, "extra_kernels": extra}
     if path == "hf":
@@ -741,7 +749,14 @@ def main():
     ap.add_argument("--workdir", default=None,
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
                          "(default: a temporary folder, deleted)")
+    ap.add_argument("--torch_varlen", action="store_true",
+                    help="attention through torch.nn.attention.varlen.varlen_attn (its custom op) instead of the "
+                         "direct call of torch's flash kernels (vltrain.attention.flash_varlen): the A/B of round 6")
     args = ap.parse_args()
+    if args.torch_varlen:
+        import vltrain.attention
+
+        vltrain.attention._aten_flash_usable = lambda device_index: False
     # `kill -USR1 <pid>` prints every thread's Python stack (a DataLoader worker forked later inherits it)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -470,7 +470,8 @@ def test_idempotent():
     assert apply_kernels(patched, ["fused_linear_ce", "patch_embed_linear"]) == first
     assert patched.forward.__func__ is forward.__func__
     assert patched.model.visual.blocks[0].attn.forward.__func__ is attn_forward.__func__
-    assert len(first) == 8 and all(":" in entry for entry in first)  # rms_norm 1 class, swiglu 2, vision_positions
+    assert len(first) == 9 and all(":" in entry for entry in first)  # rms_norm 1 class, swiglu 2, vision_positions,
+    assert sum(entry.startswith("visual_merge: ") for entry in first) == 1  # visual_merge (no DeepStack here)
 
 
 def test_deepcopy_of_patched_model_is_patched_and_independent():
@@ -490,8 +491,8 @@ def test_unknown_or_inapplicable_kernel_raises():
     assert not hasattr(patched, "_vltrain_kernels")
     assert apply_kernels(patched, ["vision_window_varlen"], strict=False) == []
     assert [e.split(":")[0] for e in apply_kernels(patched, ["all"])] == [
-        "fused_linear_ce", "fused_linear_ce", "vision_varlen", "vision_positions", "patch_embed_linear", "rms_norm",
-        "swiglu"]
+        "fused_linear_ce", "fused_linear_ce", "vision_varlen", "vision_positions", "visual_merge", "patch_embed_linear",
+        "rms_norm", "swiglu"]
     _, moe, _ = _fresh("qwen3_vl_moe")  # every LLM layer is MoE, vision MLPs are GELU: no SwiGLU MLP
     assert "swiglu" not in applicable_kernels(moe)
     with pytest.raises(ValueError, match="does not apply"):

@@ -199,7 +199,7 @@ def test_masked_fallback_equals_per_segment_causal_sdpa():
 
 @gpu
 def test_gpu_varlen_attention_matches_per_segment_sdpa():
-    """bf16, GQA 16/2 heads: torch varlen_attn (or flash-attn) vs sdpa per segment; bf16 rounding: atol 2e-2."""
+    """bf16, GQA 16/2 heads: the fast path (`flash_varlen`) vs sdpa per segment; bf16 rounding: atol 2e-2."""
     torch.manual_seed(0)
     lengths = [1, 300, 77, 1024, 5]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -209,6 +209,34 @@ def test_gpu_varlen_attention_matches_per_segment_sdpa():
     out = causal_varlen_attention(q, k, v, cu, max(lengths), scale=128**-0.5)
     ref = masked_causal_varlen_attention(q.float(), k.float(), v.float(), cu, scale=128**-0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_direct_flash_kernels_equal_torch_varlen_attn(causal):
+    """`flash_varlen`'s direct call of torch's flash kernels (no custom-op dispatch) against
+    torch.nn.attention.varlen.varlen_attn, which runs the same kernels: output and q/k/v gradients bit-equal
+    (bf16, GQA 16/2 heads; the vision towers call it with causal=False and equal head counts)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from vltrain.attention import _AtenFlashVarlen, _aten_flash_usable, _torch_varlen_call
+
+    if not _aten_flash_usable(torch.cuda.current_device()):
+        pytest.skip("torch's flash kernels do not run on this GPU")
+    torch.manual_seed(0)
+    lengths = [1, 300, 77, 1024, 5]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    n, kv_heads = sum(lengths), 2 if causal else 16
+    leaves = [torch.randn(n, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for h in (16, kv_heads, kv_heads)]
+    grad = torch.randn(n, 16, 128, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for run in (lambda q, k, v: _AtenFlashVarlen.apply(q, k, v, cu, max(lengths), causal, 128 ** -0.5),
+                lambda q, k, v: _torch_varlen_call(varlen_attn, q, k, v, cu, max(lengths), causal, 128 ** -0.5)):
+        out = run(*leaves)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 @gpu

@@ -110,25 +110,78 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
+class _AtenFlashVarlen(torch.autograd.Function):
+    """torch's own flash-attention varlen kernels, `aten._flash_attention_forward` / `_backward`, called from a
+    plain autograd Function: the kernels `torch.nn.attention.varlen.varlen_attn` runs, without its
+    `torch.library` custom-op dispatch, which cost about 1 ms of host time per call on an H200 machine
+    (Qwen2-VL-2B profile, benchmarks/RESULTS.md round 6) while the step waited on the host."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, ctx.causal, seed,
+            offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+@functools.cache
+def _aten_flash_usable(device_index: int) -> bool:
+    """torch's flash kernels exist and run on this GPU (Ampere or newer) and flash sdpa is not switched off."""
+    return (hasattr(torch.ops.aten, "_flash_attention_forward") and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(device_index) >= (8, 0))
+
+
+def flash_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool, scale: float | None = None):
+    """Attention within each segment of `cu_seqlens` on CUDA, fp16/bf16: q (N, Hq, D), k/v (N, Hkv, D) with Hq a
+    multiple of Hkv; cu_seqlens (S + 1,) int32 on the device; `max_seqlen` a host int -> (N, Hq, D).
+
+    flash-attn's `flash_attn_varlen_func` when installed, else torch's flash kernels directly
+    (`_AtenFlashVarlen`), else `torch.nn.attention.varlen.varlen_attn`; None when none of them is there."""
+    if (flash := _flash_varlen()) is not None:
+        return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
+    if _aten_flash_usable(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+        return _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if (varlen := _torch_varlen()) is not None:
+        return _torch_varlen_call(varlen, q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return None
+
+
+def _torch_varlen_call(varlen, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    params = _parameters(varlen)
+    kwargs = {"scale": scale}
+    if causal:
+        kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+@functools.cache
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def causal_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
     """Causal attention within each segment of `cu_seqlens`.
 
     q (N, Hq, D), k/v (N, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (S + 1,) int32 -> (N, Hq, D).
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if (flash := _flash_varlen()) is not None:
-            return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
-        if (varlen := _torch_varlen()) is not None:
-            params = inspect.signature(varlen).parameters
-            kwargs = {"scale": scale}
-            kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
-            if k.shape[1] != q.shape[1]:
-                if "enable_gqa" in params:
-                    kwargs["enable_gqa"] = True
-                else:
-                    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-            return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+        if (out := flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scale)) is not None:
+            return out
     return masked_causal_varlen_attention(q, k, v, cu_seqlens, scale)
 
 

@@ -10,6 +10,9 @@ Kernels (module docstrings say exactly what each replaces):
                                             cu_seqlens built on the host from one read of grid_thw (with
                                             vision_varlen: one device -> host sync per vision forward instead
                                             of 9-17; Qwen3-VL-4B full SFT 8.9% faster on an H200).
+- "visual_merge"          (every family)   visual_merge.py: the vision features put into the text embeddings
+                                            (and Qwen3-VL's DeepStack adds) by integer index: no device -> host
+                                            sync in the merge, forward or backward.
 - "patch_embed_linear"    (every family)   patch_embed.py: the Conv3d patch embedding as a Linear.
 - "rms_norm"              (every family)   rms_norm.py: every verified RMSNorm as liger's fused kernel.
 - "swiglu"                (where a SiLU gate/up/down MLP exists) swiglu.py: silu(gate) * up fused.
@@ -37,8 +40,10 @@ from vltrain.kernels.rms_norm import patch_rms_norm
 from vltrain.kernels.swiglu import SWIGLU_MLPS, patch_swiglu, swiglu_mlps
 from vltrain.kernels.vision_positions import VISION_TOWERS, patch_vision_positions
 from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen
+from vltrain.kernels.visual_merge import MERGED_MODELS, patch_visual_merge
 
-KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "vision_positions", "patch_embed_linear", "rms_norm", "swiglu",
+KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "vision_positions", "visual_merge",
+           "patch_embed_linear", "rms_norm", "swiglu",
            "float8", "float8_rowwise", "compile_layers")
 # not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics
 # (and was slower than bf16 on Qwen2.5-VL-3B, benchmarks/RESULTS.md)
@@ -61,6 +66,7 @@ def applicable_kernels(model) -> list[str]:
         has_swiglu = bool(swiglu_mlps(_base_model(model), spec.model_type))
     skip = {"vision_varlen": spec.model_type not in VISION_ATTENTION,
             "vision_positions": spec.model_type not in VISION_TOWERS,
+            "visual_merge": spec.model_type not in MERGED_MODELS,
             "vision_window_varlen": not spec.window_attention, "swiglu": not has_swiglu}
     return [name for name in KERNELS if not skip.get(name, False)]
 
@@ -103,6 +109,8 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_vision_varlen(get_module(model, spec.vision_blocks), spec.vision_blocks, spec.model_type)
         elif name == "vision_positions":
             new = patch_vision_positions(model, spec.model_type)
+        elif name == "visual_merge":
+            new = patch_visual_merge(model, spec.model_type)
         elif name == "rms_norm":
             new = patch_rms_norm(base, spec.model_type)
         elif name == "swiglu":

@@ -6,8 +6,8 @@ once per segment in a Python loop -- per image and per video frame (every family
 windowed blocks) -- after reading the segment lengths to the host (`lengths.tolist()`, a device -> host
 sync in every block). The patched forward makes one call for the whole packed sequence, whichever
 `cu_seqlens` the block gets:
-- CUDA, fp16/bf16: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.11), else flash-attn's
-  `flash_attn_varlen_func` when installed;
+- CUDA, fp16/bf16: `vltrain.attention.flash_varlen` (flash-attn's `flash_attn_varlen_func` when installed,
+  else torch's own flash varlen kernels, else `torch.nn.attention.varlen.varlen_attn`);
 - otherwise (CPU, fp32): one sdpa call with a block-diagonal boolean mask built from `cu_seqlens`.
   Exact, but the mask is (N, N): fine for tests and CPU, not the fast path.
 The qkv projection, the family's own `apply_rotary_pos_emb_vision` and the output projection are the stock
@@ -33,7 +33,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from vltrain.attention import TensorKeyedCache, max_segment
+from vltrain.attention import TensorKeyedCache, flash_varlen, max_segment
 
 # model_type -> the vision attention class in transformers.models.<model_type>.modeling_<model_type>; the
 # rotary function is that module's `apply_rotary_pos_emb_vision`.
@@ -49,22 +49,6 @@ VISION_ATTENTION = {
 _MAX_SEQLEN = TensorKeyedCache(max_segment, size=4)  # images/frames and windows, of the forward and its recompute
 
 
-def _torch_varlen_attn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def _flash_attn_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
-
-
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None = None, scale: float | None = None):
     """Non-causal attention within each segment of `cu_seqlens`.
 
@@ -75,10 +59,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None = None, scale: 
             max_seqlen = _MAX_SEQLEN.get(cu_seqlens)
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         max_seqlen = int(max_seqlen)
-        if (varlen_attn := _torch_varlen_attn()) is not None:
-            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
-        if (flash_varlen := _flash_attn_varlen()) is not None:
-            return flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=False)
+        if (out := flash_varlen(q, k, v, cu, max_seqlen, causal=False, scale=scale)) is not None:
+            return out
     return masked_varlen_attention(q, k, v, cu_seqlens, scale)
 
 
