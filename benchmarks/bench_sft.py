@@ -596,8 +596,8 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
 
     saved_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     # what `accelerate launch --config_file accelerate_configs/single_gpu.yaml` sets (no autocast on CPU)
-    os.environ["ACCELERATE_MIXED_PRECISION"] = (mixed_precision_of("accelerate_configs/single_gpu.yaml")
-                                                if device.type == "cuda" else "no")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = (args.loop_mixed_precision or mixed_precision_of(
+        "accelerate_configs/single_gpu.yaml") if device.type == "cuda" else "no")
     try:
         accelerator = build_accelerator(cfg.train)
         if device.type == "cuda":
@@ -749,6 +749,9 @@ def main():
     ap.add_argument("--workdir", default=None,
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
                          "(default: a temporary folder, deleted)")
+    ap.add_argument("--loop_mixed_precision", choices=["no", "bf16"], default=None,
+                    help="loop: accelerate's mixed precision (default: accelerate_configs/single_gpu.yaml's, bf16); "
+                         "'no' = the bf16 model without autocast, as the vltrain path runs")
     ap.add_argument("--torch_varlen", action="store_true",
                     help="attention through torch.nn.attention.varlen.varlen_attn (its custom op) instead of the "
                          "direct call of torch's flash kernels (vltrain.attention.flash_varlen): the A/B of round 6")

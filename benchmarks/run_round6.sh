@@ -6,6 +6,7 @@
 #   bash benchmarks/run_round6.sh loop3b    # Qwen2.5-VL-3B full FT: the hand-written step next to loops.sft.train
 #   bash benchmarks/run_round6.sh varlen PRESET  # vltrain with torch's varlen_attn custom op vs the direct flash call
 #   bash benchmarks/run_round6.sh loopdiag  # the 3B loop path: 8 workers, and py-spy's samples of the main process
+#   bash benchmarks/run_round6.sh loopmp    # the 3B loop path with the bf16 model and no autocast, next to vltrain
 #   bash benchmarks/run_round6.sh profq2    # one profiled step + the sync report, Qwen2-VL-2B full FT, GC on
 #   bash benchmarks/run_round6.sh profq3    # the same for Qwen3-VL-4B (all kernels, visual_merge included)
 #   bash benchmarks/run_round6.sh prof7l    # one profiled step, Qwen2.5-VL-7B LoRA with compile_layers
@@ -16,8 +17,8 @@ B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
 show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
 probe) timeout 60 python benchmarks/probe_merge_syncs.py 2>&1 | grep -v Warn | tail -8 ;;
-gputests) timeout 300 python -m pytest -q -m gpu tests/test_visual_merge.py tests/test_float8.py -s -p no:cacheprovider \
-            2>&1 | grep -Ev 'Warning|warn' | grep -E "syncs|passed|failed|FAIL|Error|assert" | tail -30 ;;
+gputests) timeout 300 python -m pytest -q -m gpu tests/test_visual_merge.py tests/test_float8.py tests/test_packing.py \
+            -s -p no:cacheprovider > "$OUT/gputests.log" 2>&1; grep -E "syncs|passed|failed|FAILED" "$OUT/gputests.log" | tail -20 ;;
 ab) p=$1; shift; timeout 300 $B --preset "$p" \
       --runs hf:full:gc1@4,vltrain:full:gc1-visual_merge@16384,vltrain:full:gc1@16384 --out "$OUT/r6_ab_$p.json" 2>&1 | show ;;
 varlen) p=$1; shift; timeout 150 $B --preset "$p" --runs vltrain:full:gc1@16384 --torch_varlen \
@@ -28,6 +29,8 @@ loopdiag)
   pid=$!; sleep 38
   timeout 30 py-spy record --pid $pid --duration 12 --rate 40 --format raw --output "$OUT/loop_3b_main.folded" --nonblocking \
     > /dev/null 2>&1; wait $pid; show < "$OUT/loop_spy.log" ;;
+loopmp) timeout 200 $B --preset qwen2_5_vl_3b --runs vltrain:full:gc1@16384,loop:full:gc1@16384 \
+          --loop_mixed_precision no --out "$OUT/r6_loop_3b_no_autocast.json" 2>&1 | show ;;
 loop3b) timeout 300 $B --preset qwen2_5_vl_3b --runs vltrain:full:gc1@16384,loop:full:gc1@16384 \
           --out "$OUT/r6_loop_3b.json" 2>&1 | show ;;
 profq2) timeout 200 $B --preset qwen2_vl_2b --runs vltrain:full:gc1@16384 --profile "$OUT/prof_q2_2b.txt" \

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vltrain.attention import causal_varlen_attention, enable_packed_attention, masked_causal_varlen_attention
 from vltrain.data.dataset import PadCollator, SFTDataset
@@ -213,10 +214,11 @@ def test_gpu_varlen_attention_matches_per_segment_sdpa():
 
 @gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_direct_flash_kernels_equal_torch_varlen_attn(causal):
-    """`flash_varlen`'s direct call of torch's flash kernels (no custom-op dispatch) against
-    torch.nn.attention.varlen.varlen_attn, which runs the same kernels: output and q/k/v gradients bit-equal
-    (bf16, GQA 16/2 heads; the vision towers call it with causal=False and equal head counts)."""
+def test_gpu_direct_flash_kernels_match_torch_varlen_attn(causal):
+    """`flash_varlen`'s direct call of torch's flash kernels (no custom-op dispatch) and
+    torch.nn.attention.varlen.varlen_attn (which may pick cuDNN instead), bf16, GQA 16/2 heads (the vision towers
+    call it with causal=False and equal head counts): output and q/k/v gradients within bf16 rounding of the fp32
+    per-segment reference, each path as close as the other."""
     from torch.nn.attention.varlen import varlen_attn
 
     from vltrain.attention import _AtenFlashVarlen, _aten_flash_usable, _torch_varlen_call
@@ -226,17 +228,33 @@ def test_gpu_direct_flash_kernels_equal_torch_varlen_attn(causal):
     torch.manual_seed(0)
     lengths = [1, 300, 77, 1024, 5]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    n, kv_heads = sum(lengths), 2 if causal else 16
+    n, kv_heads, scale = sum(lengths), 2 if causal else 16, 128 ** -0.5
     leaves = [torch.randn(n, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
               for h in (16, kv_heads, kv_heads)]
     grad = torch.randn(n, 16, 128, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for run in (lambda q, k, v: _AtenFlashVarlen.apply(q, k, v, cu, max(lengths), causal, 128 ** -0.5),
-                lambda q, k, v: _torch_varlen_call(varlen_attn, q, k, v, cu, max(lengths), causal, 128 ** -0.5)):
+
+    def reference(q, k, v):  # fp32, one sdpa call per segment
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            rep = q.shape[1] // k.shape[1]
+            outs.append(F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).repeat_interleave(rep, 0),
+                v[a:b].transpose(0, 1).repeat_interleave(rep, 0), is_causal=causal, scale=scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    runs = {"direct": lambda q, k, v: _AtenFlashVarlen.apply(q, k, v, cu, max(lengths), causal, scale),
+            "varlen_attn": lambda q, k, v: _torch_varlen_call(varlen_attn, q, k, v, cu, max(lengths), causal, scale),
+            "fp32": lambda q, k, v: reference(q.float(), k.float(), v.float())}
+    results = {}
+    for name, run in runs.items():
         out = run(*leaves)
-        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
-    for got, want in zip(*results, strict=True):
-        assert torch.equal(got, want)
+        results[name] = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, leaves, grad.to(out.dtype)))]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    errors = {name: [rel(got, want) for got, want in zip(results[name], results["fp32"])] for name in ("direct", "varlen_attn")}
+    print(f"\ncausal={causal}: relative L2 error vs fp32 (out, dq, dk, dv): {errors}; bit-equal to varlen_attn: "
+          f"{all(torch.equal(a, b) for a, b in zip(results['direct'], results['varlen_attn']))}")
+    for got, want in zip(errors["direct"], errors["varlen_attn"]):
+        assert got < 1e-2 and got < 1.5 * want + 1e-3, errors
 
 
 @gpu
