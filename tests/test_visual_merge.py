@@ -24,6 +24,7 @@ from vltrain.kernels.vision_positions import SyncCounter
 from vltrain.kernels.visual_merge import DEEPSTACK, MERGED_MODELS, patch_visual_merge
 
 from conftest import stock_and_copy
+from test_dpo import _collate, _dataset, pair_data  # noqa: F401 (pair_data: a fixture)
 from test_vision_positions import _cuda_syncs, _rel_err, loss_and_grads, sft_batch
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -100,6 +101,30 @@ def test_no_host_read_left_in_the_merge_forward_or_backward(family, media_dir, m
     assert "index" not in fwd and bwd == []
     if family in DEEPSTACK:  # stock: boolean indexing in every DeepStack layer, forward and backward
         assert ref_fwd.count("index") >= 4 and ref_bwd.count("index") >= 6
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_preference_batches_keep_one_tower_pass_per_unique_medium(family, packing, pair_data):
+    """DPO's pair batches (vltrain.vision.shared_media wraps get_*_features: the tower runs on the unique media,
+    the features are handed out per occurrence): the same log-probs as stock, and the tower ran once per modality."""
+    from loops.dpo import pair_logps
+
+    stock, patched, processor = stock_and_copy(family)
+    patch_visual_merge(patched, family)
+    if packing:
+        enable_packed_attention(stock), enable_packed_attention(patched)
+    ds = _dataset(family, processor, pair_data)
+    batch = _collate(stock, processor, packing)([ds[i] for i in range(len(ds))])
+    assert len(batch["image_source"]) > int(batch["image_source"].max()) + 1  # some media occur more than once
+    calls = []
+    hook = patched.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        want, got = pair_logps(stock, batch), pair_logps(patched, batch)
+    hook.remove()
+    assert len(calls) == 2  # images, videos
+    torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])

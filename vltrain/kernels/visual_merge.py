@@ -11,15 +11,16 @@ of every forward, each read stalling the host from queueing the next kernels:
 - DeepStack adds the tower's intermediate features at the placeholders of the first layers by boolean
   indexing: two reads per layer in the forward and one per layer in the backward; with images and
   videos in one batch, the joint mask and its buffer make three more.
-The patched forward finds each modality's placeholder positions once, as integer indices over the
+The patched `get_image_features` / `get_video_features` split on the host grid list (below); the patched
+forward calls them (so a wrapper of them, `vltrain.vision.shared_media`, still applies), finds each modality's placeholder positions once, as integer indices over the
 flattened (B * L) tokens -- `torch.nonzero_static` sized by the tower output's row count, a shape the
 host knows -- puts the features in with `index_copy` and hands DeepStack the concatenated indices and
 features, which the patched `_deepstack_process` adds with `index_add`; both backwards are
 `index_select` / `index_fill`, sync-free. The same values as stock, in the same order. The count check
 stays, as `torch._assert_async` (on CPU it raises at once with the message; on CUDA it is a device-side
-assert, raised at the next sync). The per-image split of `image_outputs.pooler_output` (and of the
+assert, raised at the next sync). The per-medium split of the features (`image_outputs.pooler_output`, the
 DeepStack features) uses the grid list that `vision_positions` reads for the tower (shared cache: no
-second read; without `vision_positions` it is the forward's one read per modality).
+second read; without `vision_positions` it is one read per modality, as stock).
 
 Everything else is the stock forward: the embedding, the tower call (with the forward's kwargs), the
 mRoPE position ids when none are given (`compute_3d_position_ids`), the language model call and the
@@ -37,6 +38,7 @@ import inspect
 import types
 
 import torch
+from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
 from vltrain.families import family_spec, get_module
 from vltrain.kernels.vision_positions import _GRIDS
@@ -100,21 +102,19 @@ def _merged_forward(self, input_ids=None, attention_mask=None, position_ids=None
     positions_only = {k: kwargs.pop(k) for k in _POSITIONS_ONLY if k in kwargs}
     embeds = self.get_input_embeddings()(input_ids)
     flat = embeds.reshape(-1, embeds.shape[-1])
-    merge = self.visual.spatial_merge_size
     encoded, index, deepstack = {}, [], []
     for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.config.image_token_id),
                                          ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id)):
         if pixels is None:
             continue
-        out = self.visual(pixels.type(self.visual.dtype), grid_thw=grid, return_dict=True, **kwargs)
-        features = out.pooler_output
+        # the instance's get_*_features: this kernel's (split on the host grid), or a wrapper of it
+        # (vltrain.vision.shared_media: one tower pass per unique medium of a preference batch)
+        out = getattr(self, f"get_{name}_features")(pixels, grid, return_dict=True, **kwargs)
+        features = torch.cat(out.pooler_output)
         at = placeholder_index(input_ids, token_id, features.shape[0], name)
         flat = flat.index_copy(0, at, features.to(flat.device, flat.dtype))
-        sizes = [t * h * w // merge ** 2 for t, h, w in _GRIDS.get(grid)]
-        out.pooler_output = torch.split(features, sizes)
         if self._vltrain_merge_deepstack:
-            deepstack.append(out.deepstack_features)
-            out.deepstack_features = [torch.split(feature, sizes) for feature in out.deepstack_features]
+            deepstack.append([torch.cat(level) for level in out.deepstack_features])
         encoded[name] = out
         index.append(at)
     embeds = flat.view_as(embeds)
@@ -130,6 +130,31 @@ def _merged_forward(self, input_ids=None, attention_mask=None, position_ids=None
                                   cache=cache, inputs_embeds=embeds, **text_only, **extra, **kwargs)
     return self._vltrain_merge_output(**outputs, image_outputs=encoded.get("image"),
                                       video_outputs=encoded.get("video"))
+
+
+def _split_features(self, pixel_values, grid_thw, **kwargs):
+    """get_image_features / get_video_features of the stock model, the per-medium split sizes taken from the
+    host grid list (`vision_positions`' cached read) instead of a `.tolist()` of a device tensor."""
+    out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, return_dict=True, **kwargs)
+    merge = self.visual.spatial_merge_size
+    sizes = [t * h * w // merge ** 2 for t, h, w in _GRIDS.get(grid_thw)]
+    out.pooler_output = torch.split(out.pooler_output, sizes)
+    if getattr(out, "deepstack_features", None) is not None:
+        out.deepstack_features = [torch.split(feature, sizes) for feature in out.deepstack_features]
+    return out
+
+
+# the stock decorators: modality-prefixed precomputed kwargs translated, `return_dict=False` a tuple
+@accepts_precomputed_kwargs(modality="image")
+@can_return_tuple
+def _image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+    return _split_features(self, pixel_values, image_grid_thw, **kwargs)
+
+
+@accepts_precomputed_kwargs(modality="video")
+@can_return_tuple
+def _video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+    return _split_features(self, pixel_values_videos, video_grid_thw, **kwargs)
 
 
 def _indexed_deepstack(self, hidden_states, visual_pos_masks, visual_embeds):
@@ -170,7 +195,10 @@ def patch_visual_merge(model, model_type: str) -> list[str]:
     inner._vltrain_merge_output = _output_class(model_type)
     inner._vltrain_merge_inner = inner.forward
     inner.forward = types.MethodType(_merged_forward, inner)
-    patched = [f"visual_merge: {cls.__qualname__}.forward (placeholders by integer index, index_copy)"]
+    inner.get_image_features = types.MethodType(_image_features, inner)
+    inner.get_video_features = types.MethodType(_video_features, inner)
+    patched = [f"visual_merge: {cls.__qualname__}.forward (placeholders by integer index, index_copy), "
+               "get_image_features / get_video_features (split on the host grid)"]
     if inner._vltrain_merge_deepstack:
         text = inner.language_model
         text._vltrain_deepstack_inner = text._deepstack_process
