@@ -191,3 +191,25 @@ def test_collators_keep_unknown_keys_in_sample_order():
         assert batch["score"] == [0.5, None, None] and batch["group"] == [None, [1, 2], None]
         assert batch["skipped"] == [] and batch["truncated"] == []
         assert all(torch.is_tensor(batch[k]) for k in ("input_ids", "labels", "mm_token_type_ids"))
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_batches_are_pinned_on_cuda_and_copied_without_blocking(pin, mixed_data, media_dir, monkeypatch):
+    """data.pin_memory (default true) pins the loader's batches when CUDA is there (never on CPU), and the
+    Accelerator copies them with non_blocking=True: a pageable copy would make the host wait for the GPU."""
+    from vltrain.config import DataConfig, TrainConfig
+    from vltrain.data.loader import build_loader
+    from vltrain.distributed import build_accelerator
+
+    processor = build_tiny_processor("qwen2_vl")
+    dataset = SFTDataset(mixed_data, processor, MediaOptions(image_factor=28, image_max_pixels=64 * 64 * 2,
+                                                             video_max_pixels=64 * 64, nframes=4),
+                         max_seq_length=1024, image_folder=str(media_dir))
+    data = DataConfig(train_path=str(mixed_data), image_folder=str(media_dir), num_workers=0, pin_memory=pin)
+    config = tiny_config("qwen2_vl", processor.tokenizer)
+    assert build_loader(dataset, data, processor, config, micro_batch_size=2, shuffle=False).pin_memory is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_loader(dataset, data, processor, config, micro_batch_size=2, shuffle=False).pin_memory is pin
+    monkeypatch.undo()
+    accelerator = build_accelerator(TrainConfig(output_dir=str(media_dir / "out"), report_to="none"))
+    assert accelerator.dataloader_config.non_blocking is True

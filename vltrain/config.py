@@ -82,6 +82,9 @@ class DataConfig(MediaConfig):
     # None keeps the chat template's default.
     system_prompt: str | None = None
     num_workers: int = 2  # DataLoader worker processes that decode media and encode examples
+    # On CUDA: batches in page-locked memory, copied to the GPU without the host waiting on the GPU (a
+    # pageable copy synchronizes the stream: the host can no longer queue kernels ahead).
+    pin_memory: bool = True
     # Pack each micro-batch into one row (vltrain.data.packing): no padding, attention within examples.
     packing: bool = False
     # Fill micro-batches up to this many tokens instead of train.micro_batch_size samples (None: off).
@@ -715,6 +718,7 @@ UPSTREAM_NAMES = {
     "model_id": "model.name_or_path", "model_name_or_path": "model.name_or_path",
     "disable_flash_attn2": "model.attn_implementation", "use_liger": "model.kernels",
     "data_path": "data.train_path", "dataloader_num_workers": "data.num_workers",
+    "dataloader_pin_memory": "data.pin_memory",
     "num_train_epochs": "train.num_epochs", "per_device_train_batch_size": "train.micro_batch_size",
     "logging_steps": "train.log_every", "save_steps": "train.save_every",
     "eval_steps": "train.eval_every", "resume_from_checkpoint": "train.resume", "max_train_steps": "train.max_steps",

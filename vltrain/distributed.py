@@ -75,7 +75,8 @@ def build_accelerator(train_cfg):
         **accelerator_device_kwargs(),  # CPU gloo runs (plain and DeepSpeed) need it said explicitly
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=train_cfg.gradient_accumulation_steps, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches pinned by the loader (data.pin_memory) reach the GPU without a stream sync
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
         project_dir=train_cfg.output_dir,
     )

@@ -34,7 +34,15 @@ def dummy_vision_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     visual = get_module(model, family_spec(model).vision_module)
     param = next(visual.parameters())
     pixels = torch.zeros(merge * merge, dim, dtype=param.dtype, device=param.device)
-    return pixels, grid.to(param.device)
+    return pixels, device_constant(tuple(map(tuple, grid.tolist())), torch.long, param.device)
+
+
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`, copied there once: on CUDA a copy from pageable host memory makes the
+    host wait for the GPU, and the dummy media are built for every micro-batch that lacks a modality. Do not
+    modify the returned tensor in place (it is shared)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def batch_has_media(batch: dict) -> bool:
@@ -81,7 +89,7 @@ def complete_modalities(model, batch: dict) -> tuple[dict, bool]:
 
     def grow(t, fill, row0):
         col = torch.full((rows, n), fill, dtype=t.dtype, device=t.device)
-        col[0] = torch.tensor(row0, dtype=t.dtype, device=t.device)
+        col[0] = device_constant(tuple(row0), t.dtype, t.device)
         return torch.cat([t, col], dim=1)
 
     out["input_ids"] = grow(ids, 0, dummy.token_ids)

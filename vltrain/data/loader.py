@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from vltrain.data.dataset import PadCollator
@@ -55,6 +56,7 @@ def build_loader(dataset, data_cfg, processor, model_config, *, micro_batch_size
         collate_fn = PackCollator(model_config) if data_cfg.packing else PadCollator(processor.tokenizer.pad_token_id)
     common = dict(num_workers=data_cfg.num_workers, collate_fn=collate_fn,
                   persistent_workers=data_cfg.num_workers > 0,
+                  pin_memory=getattr(data_cfg, "pin_memory", True) and torch.cuda.is_available(),
                   worker_init_fn=worker_init_fn if data_cfg.num_workers > 0 else None)
     if data_cfg.max_tokens_per_batch:
         if sampler is not None:
