@@ -138,15 +138,23 @@ def train(command: str, argv: list[str]) -> int:
         os.environ["VLTRAIN_ERROR_FILE"] = error_file.name
     for noisy in ("torch.distributed.elastic", "accelerate.commands.launch"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    try:
-        launch_command(args)
-        return 0
-    except SystemExit as e:  # the single-process launcher under --quiet: the recipe's error is already the last line
-        return e.code if isinstance(e.code, int) else 1
-    except Exception:  # torchrun's ChildFailedError, or CalledProcessError: repeat the ranks' one-line error last
+    def repeat_errors() -> None:  # the ranks' one-line errors, once each, as the last lines
         errors = list(dict.fromkeys(Path(error_file.name).read_text().splitlines()))
         print("\n".join(errors) if errors else f"vltrain {command}: the training processes failed (see above)",
               file=sys.stderr)
+
+    try:
+        launch_command(args)
+        return 0
+    except SystemExit as e:
+        # the single-process launcher under --quiet: the recipe's error is already the last line; accelerate
+        # >= 1.16 reports a failed multi-process job itself (torchrun's summary block) and exits
+        code = e.code if isinstance(e.code, int) else 1
+        if code and (args.num_processes or 1) > 1:
+            repeat_errors()
+        return code
+    except Exception:  # torchrun's ChildFailedError, or CalledProcessError (older accelerate)
+        repeat_errors()
         return 1
     finally:
         Path(error_file.name).unlink(missing_ok=True)

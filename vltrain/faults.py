@@ -24,13 +24,16 @@ that stopped on its own would leave the others blocked in the next all-reduce. E
 same step with a complete checkpoint. Repeated signals (the scheduler's own plus the launcher's forwarded
 copy) change nothing; a third SIGINT (Ctrl-C hammered at a terminal) raises KeyboardInterrupt at once.
 
-What the launchers do on SIGTERM (read from accelerate 1.15 / torch 2.14 sources, checked by
+What the launchers do on SIGTERM (read from accelerate 1.15 / 1.16 and torch 2.14 sources, checked by
 tests/test_faults.py):
-- `accelerate launch` with one process (accelerate.commands.launch.simple_launcher) runs the script with
-  `subprocess.Popen(...).wait()` and installs no handler: the launcher dies of the signal at once (exit
-  status -15 / shell 143) and forwards nothing. The script, in the same process group, gets the
+- `accelerate launch` with one process (accelerate.commands.launch.simple_launcher), accelerate < 1.16, runs
+  the script with `subprocess.Popen(...).wait()` and installs no handler: the launcher dies of the signal at
+  once (exit status -15 / shell 143) and forwards nothing. The script, in the same process group, gets the
   scheduler's SIGTERM itself, finishes the step, checkpoints and exits 0 -- as an orphan. A SIGTERM sent
-  to the launcher's pid alone never reaches the script.
+  to the launcher's pid alone never reaches the script. accelerate 1.16 installs a handler: it SIGTERMs the
+  script and its descendants, waits 5 s, SIGKILLs what is left and exits 143 -- a step plus a checkpoint
+  save must fit in those 5 s (else the previous checkpoint is the one to resume from); without the launcher
+  (`python recipes/sft.py`, one process) nothing bounds it.
 - `accelerate launch --multi_gpu` / `torchrun` (torch.distributed.elastic): each rank is started in its
   own session (`start_new_session=True`), so a signal to the launcher's process group reaches the agent
   only. The agent's handler (TORCHELASTIC_SIGNALS_TO_HANDLE, default SIGTERM,SIGINT,SIGHUP,SIGQUIT)
