@@ -431,6 +431,37 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
+def test_vltrain_cli_lets_a_preempted_single_process_run_finish_a_save_longer_than_5_s(recipe_data, tmp_path):
+    """`vltrain sft` (one process): a SIGTERM to the command's pid alone reaches the recipe, which finishes its step
+    and writes its checkpoint although the save takes 8 s (VLTRAIN_SAVE_SLEEP) -- accelerate 1.16's own launcher
+    kills the recipe 5 s after a SIGTERM -- and the command exits 0."""
+    out = tmp_path / "run"
+    steps = 12
+    cmd = [sys.executable, "-m", "vltrain.cli", "sft",
+           *(f"{k}={v}" for k, v in _overrides(recipe_data, out, **{"train.max_steps": steps}).items())]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "VLTRAIN_SAVE_SLEEP": "8"})
+    deadline, lines = time.monotonic() + 150, []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"step {3:>2}/{steps}" in line:
+            os.kill(proc.pid, signal.SIGTERM)  # the command only, not its process group
+            break
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    else:
+        pytest.fail("the run ended before step 3 was logged:\n" + "".join(lines)[-3000:])
+    start = time.monotonic()
+    output = "".join(lines) + _finish(proc, 120)
+    assert proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - start > 8  # the save's sleep was waited for
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["preempted"] == "SIGTERM" and 3 <= stopped < steps
+    assert (out / "checkpoints" / f"step_{stopped:06d}" / "COMPLETE").is_file()
+    assert f"SIGTERM received: stopped after step {stopped}, checkpoint written" in output
+
+
 def test_recipe_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_like_a_straight_run(recipe_data, tmp_path):
     from recipes.sft import main
     from vltrain.config import SFTConfig, load_config

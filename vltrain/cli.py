@@ -18,6 +18,11 @@ them to accelerate. Without a config file (neither `--config_file` nor accelerat
 explicit values (1 process, no mixed precision, no dynamo; `--num_processes N > 1` adds `--multi_gpu`), so accelerate
 prints no "values were not passed" block. A user mistake ends in the recipe's one-line error as the last line on
 screen (exit status 1), never in the launcher's traceback.
+
+One process runs under `patient_launcher`, not accelerate's own single-process launcher: accelerate 1.16's answers
+a SIGTERM by terminating the recipe and killing it 5 s later, which cuts a preempted run's last step and checkpoint
+save short. `patient_launcher` passes a SIGTERM on to the recipe and waits for it to finish its step, write its
+checkpoint and exit (vltrain.faults), then exits with the recipe's status.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -117,6 +124,29 @@ def recipe_file(module: str) -> str:
     return spec.origin
 
 
+def patient_launcher(args) -> None:
+    """accelerate's `simple_launcher` (one process: the recipe as a subprocess with accelerate's environment), with
+    a SIGTERM to this process passed on to the recipe and no time limit on the recipe's answer to it. SIGINT is not
+    passed on: a terminal's Ctrl-C reaches the recipe itself (same process group). Exits with the recipe's
+    status when it failed (its one-line error is already the last line)."""
+    from accelerate.commands.launch import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    process = subprocess.Popen(cmd, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except KeyboardInterrupt:  # the recipe got the same Ctrl-C: wait for it to stop
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if status:
+        sys.exit(status if status > 0 else 128 - status)
+
+
 def train(command: str, argv: list[str]) -> int:
     """`vltrain sft|dpo|grpo|cls ...`: the recipe under accelerate launch, in this process (so that the launcher's
     own exception for a failed child is caught here, not printed); returns the exit status."""
@@ -143,6 +173,9 @@ def train(command: str, argv: list[str]) -> int:
         print("\n".join(errors) if errors else f"vltrain {command}: the training processes failed (see above)",
               file=sys.stderr)
 
+    import accelerate.commands.launch as accelerate_launch
+
+    stock_launcher, accelerate_launch.simple_launcher = accelerate_launch.simple_launcher, patient_launcher
     try:
         launch_command(args)
         return 0
@@ -157,6 +190,7 @@ def train(command: str, argv: list[str]) -> int:
         repeat_errors()
         return 1
     finally:
+        accelerate_launch.simple_launcher = stock_launcher
         Path(error_file.name).unlink(missing_ok=True)
 
 

@@ -32,8 +32,9 @@ tests/test_faults.py):
   scheduler's SIGTERM itself, finishes the step, checkpoints and exits 0 -- as an orphan. A SIGTERM sent
   to the launcher's pid alone never reaches the script. accelerate 1.16 installs a handler: it SIGTERMs the
   script and its descendants, waits 5 s, SIGKILLs what is left and exits 143 -- a step plus a checkpoint
-  save must fit in those 5 s (else the previous checkpoint is the one to resume from); without the launcher
-  (`python recipes/sft.py`, one process) nothing bounds it.
+  save must fit in those 5 s (else the previous checkpoint is the one to resume from). `vltrain sft` etc. with
+  one process run under `vltrain.cli.patient_launcher` instead (a SIGTERM passed on, no time limit), and
+  without a launcher (`python recipes/sft.py`, one process) nothing bounds it either.
 - `accelerate launch --multi_gpu` / `torchrun` (torch.distributed.elastic): each rank is started in its
   own session (`start_new_session=True`), so a signal to the launcher's process group reaches the agent
   only. The agent's handler (TORCHELASTIC_SIGNALS_TO_HANDLE, default SIGTERM,SIGINT,SIGHUP,SIGQUIT)
