@@ -418,7 +418,7 @@ def write_video_file(path: Path, num_frames: int, size: int, fps: int, seed: int
     return path
 
 
-def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int) -> Path:
+def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int, copies: int = 1) -> Path:
     """A LLaVA JSON of `num_samples` conversations with the statistics of `synthetic_examples` -- text of
     50-2000 tokens of which the last fifth is the supervised reply, one or two noise images (PNG and JPEG)
     of the same sizes, every fifth sample text-only, sample 3 an 8-frame 336x336 mp4. The same seed draws
@@ -455,6 +455,8 @@ def write_llava_data(folder: Path, tokenizer, num_samples: int, seed: int) -> Pa
         record["conversations"] = [{"from": "human", "value": placeholders + text(prompt_len)},
                                    {"from": "gpt", "value": text(n_text - prompt_len)}]
         records.append(record)
+    # `copies`: the records again (new ids, same media), so that one epoch holds that many optimizer steps
+    records = [dict(r, id=f"{r['id']}_{c}") if c else r for c in range(copies) for r in records]
     path = folder / "train.json"
     path.write_text(json.dumps(records))
     return path
@@ -535,7 +537,8 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
 
     As in the other paths one optimizer step trains every sample once: train.gradient_accumulation_steps is
     the loader's micro-batch count (not shuffled, so every step holds the same micro-batches). Each step
-    is therefore an epoch of its own and starts by waiting for the loader's first micro-batch (workers
+    is therefore an epoch of its own (unless `--loop_epoch_steps K` writes the data K times: K steps per epoch,
+    each step the same position of every epoch) and starts by waiting for the loader's first micro-batch (workers
     prefetch within an epoch only), a wait that a dataset of many steps per epoch has once per epoch:
     `epoch_start_s` measures it (a fresh iterator's first micro-batch with the workers running) so that it
     can be told apart from the loop's own cost. The step time is the step's tokens (each sample encoded once
@@ -562,8 +565,9 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     def phase(name: str) -> None:  # where the loop path is, for a run that stalls
         print(f"loop: {name} ({time.perf_counter() - t_setup:.1f} s)", flush=True)
 
+    copies = args.loop_epoch_steps
     data_path = write_llava_data(workdir / "data", build_tiny_processor(model_type).tokenizer, args.num_samples,
-                                 seed=0)
+                                 seed=0, copies=copies)
     phase("data written")
     save_preset_model(args.preset, workdir / "model", device, dtype)
     phase("preset saved")
@@ -584,13 +588,20 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
                           seed=cfg.train.seed)
     # The Accelerator comes after the loader: its accumulation steps are the loader's micro-batches (build_model
     # needs the accelerator's device only for a quantized base).
-    cfg.train.gradient_accumulation_steps = len(loader)
+    if len(loader) % copies:
+        raise SystemExit(f"--loop_epoch_steps {copies}: the loader's {len(loader)} micro-batches do not split into "
+                         f"{copies} equal steps")
+    cfg.train.gradient_accumulation_steps = len(loader) // copies
     phase("loader built (lengths measured)")
     dump_config(cfg, workdir / "config.yaml")  # the run's config, as a recipe writes it
     examples = [dataset[i] for i in range(len(dataset))]
-    real = sum(len(e["input_ids"]) for e in examples)
+    ga = cfg.train.gradient_accumulation_steps
+    micro = list(loader.batch_sampler)  # unshuffled: every epoch the same micro-batches, in this order
+    step_tokens = [sum(len(examples[i]["input_ids"]) for mb in micro[k * ga:(k + 1) * ga] for i in mb)
+                   for k in range(copies)]  # the real tokens of each optimizer step of an epoch
+    real = sum(step_tokens) / copies
     base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
-    flops = model_flops(base, examples, lora=mode == "lora")
+    flops = model_flops(base, examples, lora=mode == "lora") / copies
     setup_s = time.perf_counter() - t_setup
     phase("examples encoded, training starts")
 
@@ -623,7 +634,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     num_steps = args.warmup + args.steps
     if sorted(logged) != list(range(1, num_steps + 1)):
         raise RuntimeError(f"{cfg.train.output_dir}/{METRICS_FILE} has steps {sorted(logged)}, expected 1..{num_steps}")
-    times = [real / logged[step]["tokens_per_s"] for step in range(args.warmup + 1, num_steps + 1)]
+    times = [step_tokens[(step - 1) % copies] / logged[step]["tokens_per_s"] for step in range(args.warmup + 1, num_steps + 1)]
     step_s = sorted(times)[len(times) // 2]
     batches = iter(loader)  # the workers start (not timed), then a new epoch's first micro-batch is timed
     next(batches)
@@ -632,7 +643,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     next(iter(loader))
     epoch_start_s = time.perf_counter() - t0
     return dict(
-        ok=True, step_s=step_s, real_tokens=real, padded_tokens=real, micro_batches=len(loader),
+        ok=True, step_s=step_s, real_tokens=real, padded_tokens=real, micro_batches=ga, epoch_steps=copies,
         tokens_per_s=real / step_s, tflops=flops / step_s / 1e12, mfu=flops / step_s / ceiling, peak_gib=peak,
         losses=losses, step_times=times, memory_gib=[logged[s]["memory_gib"] for s in sorted(logged)],
         epoch_start_s=epoch_start_s, mixed_precision=precision, kernels=cfg.model.kernels,
@@ -752,6 +763,9 @@ def main():
     ap.add_argument("--loop_mixed_precision", choices=["no", "bf16"], default=None,
                     help="loop: accelerate's mixed precision (default: accelerate_configs/single_gpu.yaml's, bf16); "
                          "'no' = the bf16 model without autocast, as the vltrain path runs")
+    ap.add_argument("--loop_epoch_steps", type=int, default=1,
+                    help="loop: the data written this many times, so one epoch holds this many optimizer steps (1: "
+                         "every step is an epoch and waits for the epoch's first micro-batch)")
     ap.add_argument("--torch_varlen", action="store_true",
                     help="attention through torch.nn.attention.varlen.varlen_attn (its custom op) instead of the "
                          "direct call of torch's flash kernels (vltrain.attention.flash_varlen): the A/B of round 6")
