@@ -259,6 +259,12 @@ class _GridReads:
 _GRIDS = _GridReads()
 
 
+def host_grids(grid_thw: torch.Tensor) -> Grids:
+    """The rows of `grid_thw` as host ints, read from the device once per tensor (and in-place version): the patched
+    tower's read, shared with visual_merge's per-medium split."""
+    return _GRIDS.get(grid_thw)
+
+
 def device_inputs(grids: Grids, layout: TowerLayout, device: torch.device) -> dict:
     """The precomputed keyword arguments for `grids` on `device` (built and copied once per grid list)."""
     for t, h, w in grids:
@@ -271,7 +277,7 @@ def device_inputs(grids: Grids, layout: TowerLayout, device: torch.device) -> di
 
 # ------------------------------------------------------------------------------- the patched forward
 def _host_positions_forward(self, hidden_states, grid_thw, **kwargs):
-    grids = _GRIDS.get(grid_thw)
+    grids = host_grids(grid_thw)
     precomputed = device_inputs(grids, self._vltrain_positions_layout, hidden_states.device)
     return self._vltrain_positions_inner(hidden_states, grid_thw, **{**precomputed, **kwargs})
 

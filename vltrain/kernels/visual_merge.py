@@ -41,7 +41,7 @@ import torch
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
 from vltrain.families import family_spec, get_module
-from vltrain.kernels.vision_positions import _GRIDS
+from vltrain.kernels.vision_positions import host_grids
 
 # model_type -> (multimodal model class, output class); the output class lives in the family module,
 # "" = transformers.modeling_outputs.MultimodalBaseModelOutputWithPast
@@ -137,7 +137,7 @@ def _split_features(self, pixel_values, grid_thw, **kwargs):
     host grid list (`vision_positions`' cached read) instead of a `.tolist()` of a device tensor."""
     out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, return_dict=True, **kwargs)
     merge = self.visual.spatial_merge_size
-    sizes = [t * h * w // merge ** 2 for t, h, w in _GRIDS.get(grid_thw)]
+    sizes = [t * h * w // merge ** 2 for t, h, w in host_grids(grid_thw)]
     out.pooler_output = torch.split(out.pooler_output, sizes)
     if getattr(out, "deepstack_features", None) is not None:
         out.deepstack_features = [torch.split(feature, sizes) for feature in out.deepstack_features]
