@@ -292,7 +292,6 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
                                              grpo_cfg.max_completion_length) for u in updates)
             normaliser = accelerator.reduce(torch.as_tensor(normaliser, device=accelerator.device, dtype=torch.float32),
                                             "sum").clamp(min=1e-8)
-            rollout_tokens = sum(len(g.token_ids) for g in generations)
             for iteration in range(iterations):
                 if state.step >= run.num_steps:
                     break
@@ -311,7 +310,7 @@ def train(accelerator, model, processor, train_loader, train_cfg, optim_cfg, grp
                                                             [p["id"] for p in prompts])
                 result.losses.append(step_loss)
                 metrics = _step_metrics(accelerator, sums, values, totals, advantages, generations,
-                                        timings=(t1 - t0, t2 - t1, time.perf_counter() - t2), rollout_tokens=rollout_tokens,
+                                        timings=(t1 - t0, t2 - t1, time.perf_counter() - t2),
                                         max_completion_length=grpo_cfg.max_completion_length)
                 result.metrics.append(metrics)
                 log_step(accelerator, run, bar, {"loss": step_loss, "grad_norm": grad_norm, **metrics}, stepped)
@@ -341,10 +340,11 @@ def _mask_of(batch: dict) -> torch.Tensor:
     return mask * batch["completion_mask"].to(mask.device)[:, None]
 
 
-def _step_metrics(accelerator, sums, values, totals, advantages, generations, *, timings, rollout_tokens,
+def _step_metrics(accelerator, sums, values, totals, advantages, generations, *, timings,
                   max_completion_length) -> dict[str, float]:
     """Pair the loss stats (summed over micro-batches and ranks) with the rollout's reward / length stats over
-    every rank's completions (gathered: each rank generated for its own prompts); the timings are this rank's."""
+    every rank's completions (gathered: each rank generated for its own prompts); the `time/*` timings are this
+    rank's, `rollout_tokens_per_s` the job's (every rank's completion tokens over the slowest rank's rollout)."""
     names = sorted(sums)
     reduced = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum").tolist() if names else []
     totals_ = dict(zip(names, reduced))
@@ -357,6 +357,7 @@ def _step_metrics(accelerator, sums, values, totals, advantages, generations, *,
     lengths = [r["length"] for r in rows]
     values = {n: [r[n] for r in rows] for n in values}
     rollout_s, reward_s, update_s = timings
+    slowest_rollout_s = float(accelerator.gather(torch.tensor([rollout_s], device=accelerator.device)).max())
     out = {
         "reward": float(totals.mean()), "reward_std": float(totals.std()) if len(totals) > 1 else 0.0,
         "advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
@@ -365,7 +366,7 @@ def _step_metrics(accelerator, sums, values, totals, advantages, generations, *,
         "clip_frac": totals_.get("clip_sum", 0.0) / tokens, "kl": totals_.get("kl_sum", 0.0) / tokens,
         "entropy": totals_.get("entropy_sum", 0.0) / tokens,
         "time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/update_s": update_s,
-        "rollout_tokens_per_s": rollout_tokens / max(rollout_s, 1e-9),
+        "rollout_tokens_per_s": sum(lengths) / max(slowest_rollout_s, 1e-9),
     }
     for name, value in reward_stats(values).items():
         out[name] = value

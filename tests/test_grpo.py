@@ -366,10 +366,16 @@ def test_sharded_grpo_rollouts_and_updates_run(tmp_path, prompt_data, backend, n
     else:  # fully_shard swaps in an FSDP subclass of the model's class, for the policy and the frozen reference
         assert ranks[0]["model"].startswith("FSDP") and ranks[0]["reference"].startswith("FSDP"), ranks[0]
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks) and all(math.isfinite(x) for x in ranks[0]["losses"])
-    # reward / length stats are over every rank's completions (each rank generated for its own prompts), so
-    # every rank logs the same values; only the timings are a rank's own
+    # reward / length stats are over every rank's completions (each rank generated for its own prompts), and the
+    # rollout rate is the job's, so every rank logs the same values; only the timings are a rank's own
     def shared(rank):
-        return [{k: v for k, v in m.items() if not k.startswith(("time/", "rollout_tokens"))} for m in rank["metrics"]]
+        return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rank["metrics"]]
 
     assert all(shared(r) == shared(ranks[0]) for r in ranks[1:])
     assert shared(ranks[0]) and all(m["completion_length"] > 0 for m in shared(ranks[0]))
+    for step, m in enumerate(ranks[0]["metrics"]):  # the job's completion tokens over the slowest rank's rollout
+        if "rollout_tokens_per_s" not in m:
+            continue
+        slowest = max(r["metrics"][step]["time/rollout_s"] for r in ranks)
+        completions = m["rollout_tokens_per_s"] * slowest / m["completion_length"]  # every rank's, not one rank's
+        assert completions == pytest.approx(round(completions), rel=1e-6) and round(completions) >= 2 * nproc, m
