@@ -8,8 +8,6 @@
 #   bash benchmarks/run_round5b.sh vpos    # Qwen2.5-VL-3B / Qwen3-VL-4B full FT with and without vision_positions
 #   bash benchmarks/run_round5b.sh fp8     # bench_fp8.py: bf16 vs float8 (+ compile_layers), 50-step loss agreement
 #   bash benchmarks/run_round5b.sh gputests  # the GPU tests of vision_positions and float8
-#   bash benchmarks/run_round5b.sh loop3b  # Qwen2.5-VL-3B full FT: the hand-written step next to loops.sft.train (#15 item 5)
-#   bash benchmarks/run_round5b.sh f8test  # float8's GPU tests only
 #   bash benchmarks/run_round5b.sh ratios  # HF-default vs vltrain (all: now with vision_positions), Qwen3-VL-4B and
 #                                          # Qwen2-VL-2B full FT, same process: #15's ratio targets
 # Measured 2026-12-02 (session 6): hang (fixed), data, profq3, vpos (qwen3_vl_4b only), fp8, gputests
@@ -51,10 +49,6 @@ fp8) timeout 300 python benchmarks/bench_fp8.py --preset qwen2_5_vl_3b --out "$O
        | grep -Ev 'Warning|warn' | tail -20 ;;
 ratios) for p in qwen3_vl_4b qwen2_vl_2b; do timeout 240 $B --preset $p --runs hf:full:gc1@4,vltrain:full:gc1@16384 \
           --out "$OUT/r5_ratio_$p.json" 2>&1 | show; done ;;
-loop3b) timeout 300 $B --preset qwen2_5_vl_3b --runs vltrain:full:gc1@16384,loop:full:gc1@16384 \
-          --out "$OUT/r5_loop_3b.json" 2>&1 | show ;;
-f8test) timeout 240 python -m pytest -q -m gpu tests/test_float8.py -s -p no:cacheprovider 2>&1 \
-          | grep -Ev 'Warning|warn' | tail -30 ;;
 gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_positions.py tests/test_float8.py -s -p no:cacheprovider \
             2>&1 | grep -Ev 'Warning|warn' | tail -30 ;;
 *) echo "unknown stage $stage"; exit 2 ;;

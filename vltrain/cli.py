@@ -161,23 +161,22 @@ def train(command: str, argv: list[str]) -> int:
         return 0
     launch, recipe_args = split_launch_args(argv)
     launch = launch_arguments(launch)
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    import accelerate.commands.launch as accelerate_launch
 
-    args = launch_command_parser().parse_args([*launch, "--quiet", recipe_file(module), *recipe_args])
+    args = accelerate_launch.launch_command_parser().parse_args([*launch, "--quiet", recipe_file(module), *recipe_args])
     with tempfile.NamedTemporaryFile("r", suffix=".vltrain-error", delete=False) as error_file:
         os.environ["VLTRAIN_ERROR_FILE"] = error_file.name
     for noisy in ("torch.distributed.elastic", "accelerate.commands.launch"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
     def repeat_errors() -> None:  # the ranks' one-line errors, once each, as the last lines
         errors = list(dict.fromkeys(Path(error_file.name).read_text().splitlines()))
         print("\n".join(errors) if errors else f"vltrain {command}: the training processes failed (see above)",
               file=sys.stderr)
 
-    import accelerate.commands.launch as accelerate_launch
-
     stock_launcher, accelerate_launch.simple_launcher = accelerate_launch.simple_launcher, patient_launcher
     try:
-        launch_command(args)
+        accelerate_launch.launch_command(args)
         return 0
     except SystemExit as e:
         # the single-process launcher under --quiet: the recipe's error is already the last line; accelerate

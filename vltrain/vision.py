@@ -28,13 +28,12 @@ def dummy_vision_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values, grid_thw) of one image of 2x2 patches (one merged token) for this model."""
     vc = model.config.vision_config
     merge = vc.spatial_merge_size
-    grid = torch.tensor([[1, merge, merge]])
     in_channels = getattr(vc, "in_channels", getattr(vc, "in_chans", 3))
     dim = in_channels * vc.temporal_patch_size * vc.patch_size**2
     visual = get_module(model, family_spec(model).vision_module)
     param = next(visual.parameters())
     pixels = torch.zeros(merge * merge, dim, dtype=param.dtype, device=param.device)
-    return pixels, device_constant(tuple(map(tuple, grid.tolist())), torch.long, param.device)
+    return pixels, device_constant(((1, merge, merge),), torch.long, param.device)
 
 
 @functools.lru_cache(maxsize=64)
