@@ -372,10 +372,8 @@ def kernel_summary(prof) -> str:
 def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
     """One step with torch's CUDA sync debug mode on: every device -> host synchronisation is counted by
     the Python line that caused it, and the table goes to `out_path` (the GPU idles after each one)."""
-    import collections
     import warnings
 
-    counts = collections.Counter()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -384,13 +382,17 @@ def sync_report(model, batches, num_tokens, opt, params, out_path: str) -> None:
             vltrain_step(model, batches, num_tokens, opt, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            counts[f"{w.filename}:{w.lineno}"] += 1
+    write_sync_report(caught, out_path, f"one step ({len(batches)} micro-batches)")
+
+
+def write_sync_report(caught, out_path: str, what: str) -> None:
+    """The sync debug mode's warnings in `caught`, counted by the Python line that caused them, to `out_path`."""
+    import collections
+
+    counts = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     lines = [f"{n:6d}  {where}" for where, n in counts.most_common()]
-    Path(out_path).write_text(f"{sum(counts.values())} syncs in one step ({len(batches)} micro-batches)\n" +
-                              "\n".join(lines) + "\n")
-    print("\n".join(lines[:20]))
+    Path(out_path).write_text(f"{sum(counts.values())} syncs in {what}\n" + "\n".join(lines) + "\n")
+    print(f"{sum(counts.values())} syncs in {what} -> {out_path}\n" + "\n".join(lines[:20]), flush=True)
 
 
 # ----------------------------------------------------------------------------------- the loop path
@@ -525,6 +527,76 @@ def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: in
     })
 
 
+class LoopStepWindow:
+    """`--profile` / `--sync_report` for the loop path: loops.sft's `finish_step` wrapped so that a torch.profiler
+    trace covers the loop's step cycle after step `warmup + 1` (its logging, checkpoint check, the next
+    step's data, forward, backward and optimizer step) and the sync debug mode the cycle after that -- the
+    same Python the user's run executes, observed from outside. Files: the `--profile` / `--sync_report`
+    path with `.loop` before the suffix."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.calls = args, device, 0
+        self.profile = args.profile and loop_file(args.profile)
+        self.sync_report = args.sync_report and device.type == "cuda" and loop_file(args.sync_report)
+        self.prof = self.caught = self.catcher = None
+
+    def __enter__(self):
+        import loops.sft
+
+        self.original = loops.sft.finish_step
+
+        def wrapped(*a, **k):
+            out = self.original(*a, **k)
+            self.calls += 1
+            self.after_step(self.calls)
+            return out
+
+        loops.sft.finish_step = wrapped
+        return self
+
+    def __exit__(self, *exc):
+        import loops.sft
+
+        loops.sft.finish_step = self.original
+        if self.catcher is not None:  # the run ended inside the sync window
+            torch.cuda.set_sync_debug_mode("default")
+            self.catcher.__exit__(None, None, None)
+
+    def after_step(self, step: int) -> None:
+        import warnings
+
+        from torch.profiler import ProfilerActivity, profile
+
+        first = self.args.warmup + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self.profile and step == first:
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False)
+            self.prof.__enter__()
+        elif self.prof is not None and step == first + 1:
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            text = kernel_summary(self.prof) + "\n\n" + table
+            Path(self.profile).write_text(text)
+            print(f"loop profile -> {self.profile}\n" + text[:4000], flush=True)
+            self.prof = None
+        if self.sync_report and step == first + 1:
+            self.catcher = warnings.catch_warnings(record=True)
+            self.caught = self.catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self.catcher is not None and step == first + 2:
+            torch.cuda.set_sync_debug_mode("default")
+            self.catcher.__exit__(None, None, None)
+            self.catcher = None
+            write_sync_report(self.caught, self.sync_report, "one loop step cycle")
+
+
+def loop_file(path: str) -> str:
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.loop{p.suffix}"))
+
+
 def mixed_precision_of(accelerate_config: str) -> str:
     import yaml
 
@@ -614,7 +686,9 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t_train = time.perf_counter()
-        result = train(accelerator, built.model, loader, cfg.train, cfg.optim, max_bad_fraction=data.max_bad_fraction)
+        with LoopStepWindow(args, device):
+            result = train(accelerator, built.model, loader, cfg.train, cfg.optim,
+                           max_bad_fraction=data.max_bad_fraction)
         train_s = time.perf_counter() - t_train
         phase("training done")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -754,8 +828,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--profile", default=None, help="write a torch.profiler table of one vltrain step here")
-    ap.add_argument("--sync_report", default=None, help="write the device->host syncs of one vltrain step here (GPU)")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of one vltrain step here (loop: of one step cycle, to the "
+                         "path with .loop before its suffix; see LoopStepWindow)")
+    ap.add_argument("--sync_report", default=None, help="write the device->host syncs of one vltrain step here (GPU; loop: as --profile)")
     ap.add_argument("--num_workers", type=int, default=2, help="loop: data.num_workers (DataLoader worker processes)")
     ap.add_argument("--workdir", default=None,
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vltrain.attention import enable_packed_attention
-from vltrain.families import FAMILIES
+from vltrain.families import FAMILIES, family_spec, get_module
 from vltrain.kernels import apply_kernels
 from vltrain.kernels import visual_merge
 from vltrain.kernels.vision_positions import SyncCounter
@@ -74,8 +74,89 @@ def test_loss_and_grads_match_stock_on_an_sft_batch(family, layout, media_dir, m
     called = []
     inner = patched.model._vltrain_merge_inner
     patched.model._vltrain_merge_inner = lambda **kw: called.append(1) or inner(**kw)
-    assert_same_loss_and_grads(stock, patched, batch)
+    with tower_calls(stock) as stock_calls, tower_calls(patched) as calls:
+        assert_same_loss_and_grads(stock, patched, batch)
     assert not called  # the merged path ran, not the stock fallback
+    assert batch["pixel_values"] is not None and batch["pixel_values_videos"] is not None
+    assert (len(stock_calls), len(calls)) == (2, 1)  # images and videos: one tower pass instead of two
+
+
+class tower_calls:
+    """Context manager: the list of the vision tower's forward calls while active."""
+
+    def __init__(self, model):
+        self.visual = get_module(model, family_spec(model).vision_module)
+
+    def __enter__(self):
+        calls = []
+        self.handle = self.visual.register_forward_hook(lambda *args: calls.append(1))
+        return calls
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_one_tower_call_gives_each_modality_what_its_own_call_gives(family, media_dir, mixed_data):
+    """Every field of the image and the video outputs (last hidden state, merged features, DeepStack's) of the
+    single tower call, per medium, equals stock get_image_features / get_video_features'."""
+    stock, patched, processor = stock_and_copy(family)
+    patch_visual_merge(patched, family)
+    batch = sft_batch(family, processor, media_dir, mixed_data)
+    args = [batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")]
+    with torch.no_grad(), tower_calls(patched) as calls:
+        got = visual_merge._media_features(patched.model, *args)
+        want = {"image": stock.model.get_image_features(*args[:2], return_dict=True),
+                "video": stock.model.get_video_features(*args[2:], return_dict=True)}
+    assert len(calls) == 1
+    for name in ("image", "video"):
+        fields = {k for k, v in want[name].items() if v is not None}
+        assert fields == {k for k, v in got[name].items() if v is not None} and "pooler_output" in fields
+        for key in fields:
+            g, w = got[name][key], want[name][key]
+            if key == "pooler_output":  # per medium
+                assert len(g) == len(w) == len(batch[f"{name}_grid_thw"])
+            for a, b in zip(g if isinstance(g, (list, tuple)) else [g], w if isinstance(w, (list, tuple)) else [w]):
+                for x, y in zip(a if isinstance(a, (list, tuple)) else [a], b if isinstance(b, (list, tuple)) else [b]):
+                    torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_dummy_video_costs_no_second_tower_pass(family, media_dir, mixed_data):
+    """The SFT loop's loss on a batch of images without a video, and on a text-only one: complete_modalities'
+    dummies ride along the one tower call; loss and gradients as stock's (which runs the tower twice)."""
+    from loops.sft import sft_loss
+    from vltrain.data.dataset import PadCollator, SFTDataset
+    from vltrain.data.media import MediaOptions
+    from vltrain.progress import model_inputs
+
+    stock, patched, processor = stock_and_copy(family)
+    patch_visual_merge(patched, family)
+    media = MediaOptions(image_factor=family_spec(family).image_factor, image_max_pixels=64 * 64 * 2,
+                         video_max_pixels=64 * 64, nframes=4)
+    dataset = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
+    examples = [dataset[i] for i in range(len(dataset))]
+    collate = PadCollator(processor.tokenizer.pad_token_id)
+    images = [e for e in examples if "pixel_values" in e and "pixel_values_videos" not in e]
+    text = [e for e in examples if "pixel_values" not in e and "pixel_values_videos" not in e]
+    assert images and text
+    for kind, part in (("images only", images), ("text only", text)):
+        batch = model_inputs(collate(part))
+        assert "pixel_values_videos" not in batch and ("pixel_values" in batch) == (kind == "images only")
+        num_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        results = {}
+        for name, model in (("stock", stock), ("patched", patched)):
+            model.zero_grad(set_to_none=True)
+            with tower_calls(model) as calls:
+                loss = sft_loss(model, batch, num_tokens)
+                loss.backward()
+            results[name] = loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.grad is not None}, len(calls)
+        (ref_loss, ref_grads, ref_calls), (got_loss, got_grads, got_calls) = results["stock"], results["patched"]
+        assert (ref_calls, got_calls) == (2, 1), kind
+        torch.testing.assert_close(got_loss, ref_loss, atol=1e-5, rtol=0)
+        assert got_grads.keys() == ref_grads.keys() and any("visual" in k for k in got_grads)
+        for key, grad in got_grads.items():
+            torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=0, msg=lambda m: f"{kind} {key}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -255,6 +255,11 @@ class _GridReads:
         self.entries.append((grid_thw, grid_thw._version, grids))
         return grids
 
+    def remember(self, grid_thw: torch.Tensor, grids: Grids) -> None:
+        """Record `grids` as the rows of `grid_thw` (a tensor built from grids already read): nothing is read."""
+        self.entries = [e for e in self.entries if e[0] is not grid_thw][-(self.size - 1):]
+        self.entries.append((grid_thw, grid_thw._version, grids))
+
 
 _GRIDS = _GridReads()
 
@@ -263,6 +268,13 @@ def host_grids(grid_thw: torch.Tensor) -> Grids:
     """The rows of `grid_thw` as host ints, read from the device once per tensor (and in-place version): the patched
     tower's read, shared with visual_merge's per-medium split."""
     return _GRIDS.get(grid_thw)
+
+
+def concat_grids(*grid_thw: torch.Tensor) -> torch.Tensor:
+    """`torch.cat(grid_thw)` whose host grid list is known from the parts' (cached) reads: reading it reads nothing."""
+    joined = torch.cat(grid_thw)
+    _GRIDS.remember(joined, tuple(row for grid in grid_thw for row in host_grids(grid)))
+    return joined
 
 
 def device_inputs(grids: Grids, layout: TowerLayout, device: torch.device) -> dict:

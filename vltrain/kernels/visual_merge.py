@@ -22,6 +22,13 @@ assert, raised at the next sync). The per-medium split of the features (`image_o
 DeepStack features) uses the grid list that `vision_positions` reads for the tower (shared cache: no
 second read; without `vision_positions` it is one read per modality, as stock).
 
+A batch with both images and videos runs the tower ONCE, over the images followed by the videos
+(`_media_features`; the tower attends within each medium, so the features are those of two calls): every
+training micro-batch holds both (`vltrain.vision.complete_modalities` adds a one-token dummy for a missing
+one), so the stock forward's second tower pass -- all its blocks' kernels launched for one token -- is gone.
+Two calls remain where a wrapper of get_*_features must see each modality (`shared_media`) or a caller passes
+modality-prefixed precomputed kwargs.
+
 Everything else is the stock forward: the embedding, the tower call (with the forward's kwargs), the
 mRoPE position ids when none are given (`compute_3d_position_ids`), the language model call and the
 family's own output class. A call without media, with `inputs_embeds`, `mm_encoder_outputs`, a KV cache
@@ -38,10 +45,11 @@ import inspect
 import types
 
 import torch
+from transformers.utils import generic
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
 from vltrain.families import family_spec, get_module
-from vltrain.kernels.vision_positions import host_grids
+from vltrain.kernels.vision_positions import concat_grids, host_grids
 
 # model_type -> (multimodal model class, output class); the output class lives in the family module,
 # "" = transformers.modeling_outputs.MultimodalBaseModelOutputWithPast
@@ -54,6 +62,9 @@ MERGED_MODELS = {
     "qwen3_5_moe": ("Qwen3_5MoeModel", "Qwen3_5MoeBaseModelOutputWithPast"),
 }
 DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
+# the text attention's varlen kwargs, which the stock get_*_features keep from the tower (transformers 5.24's list)
+_FLASH_VARLEN_KWARGS = getattr(generic, "_FLASH_VARLEN_KWARGS", ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                                 "max_length_k"))
 _PARAMETERS = ("self", "input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "pixel_values",
                "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids", "mm_encoder_outputs",
                "kwargs")
@@ -103,13 +114,15 @@ def _merged_forward(self, input_ids=None, attention_mask=None, position_ids=None
     embeds = self.get_input_embeddings()(input_ids)
     flat = embeds.reshape(-1, embeds.shape[-1])
     encoded, index, deepstack = {}, [], []
+    if pixel_values is not None and pixel_values_videos is not None and _one_tower_call(self, kwargs):
+        encoded = _media_features(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, **kwargs)
     for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.config.image_token_id),
                                          ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id)):
         if pixels is None:
             continue
         # the instance's get_*_features: this kernel's (split on the host grid), or a wrapper of it
         # (vltrain.vision.shared_media: one tower pass per unique medium of a preference batch)
-        out = getattr(self, f"get_{name}_features")(pixels, grid, return_dict=True, **kwargs)
+        out = encoded.get(name) or getattr(self, f"get_{name}_features")(pixels, grid, return_dict=True, **kwargs)
         features = torch.cat(out.pooler_output)
         at = placeholder_index(input_ids, token_id, features.shape[0], name)
         flat = flat.index_copy(0, at, features.to(flat.device, flat.dtype))
@@ -136,12 +149,61 @@ def _split_features(self, pixel_values, grid_thw, **kwargs):
     """get_image_features / get_video_features of the stock model, the per-medium split sizes taken from the
     host grid list (`vision_positions`' cached read) instead of a `.tolist()` of a device tensor."""
     out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, return_dict=True, **kwargs)
+    return _per_medium(self, out, host_grids(grid_thw))
+
+
+def _per_medium(self, out, grids):
+    """The tower output `out` of the media `grids` with pooler_output (and DeepStack's features) split per medium."""
     merge = self.visual.spatial_merge_size
-    sizes = [t * h * w // merge ** 2 for t, h, w in host_grids(grid_thw)]
+    sizes = [t * h * w // merge ** 2 for t, h, w in grids]
     out.pooler_output = torch.split(out.pooler_output, sizes)
     if getattr(out, "deepstack_features", None) is not None:
         out.deepstack_features = [torch.split(feature, sizes) for feature in out.deepstack_features]
     return out
+
+
+_PER_LAYER_OUTPUTS = ("output_hidden_states", "output_attentions")
+_OWN_FEATURES = {"get_image_features": "_image_features", "get_video_features": "_video_features"}
+
+
+def _one_tower_call(self, kwargs: dict) -> bool:
+    """Whether one tower call may serve both modalities: the instance's get_*_features are this kernel's own
+    (not a wrapper such as vltrain.vision.shared_media, which must see each modality's call), no precomputed
+    modality-specific kwargs (`image_*` / `video_*`) and no per-layer outputs asked for."""
+    own = all(getattr(getattr(self, method), "__func__", None) is globals()[func] for method, func in _OWN_FEATURES.items())
+    return own and not any(k.startswith(("image_", "video_")) or k in _PER_LAYER_OUTPUTS and kwargs[k]
+                           for k in kwargs)
+
+
+def _media_features(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, **kwargs) -> dict:
+    """{"image": ..., "video": ...}: what get_image_features and get_video_features return, from ONE tower call
+    over the images followed by the videos. The tower attends within each medium (its cu_seqlens), so the
+    features are those of two calls; the host runs the tower's modules once instead of twice (a training
+    batch always holds both modalities: vltrain.vision.complete_modalities adds a dummy one where it lacks
+    one, so two calls were the rule, one of them on a single dummy token)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in _FLASH_VARLEN_KWARGS}  # text attention's, as stock drops
+    dtype = self.visual.dtype
+    grids = {"image": host_grids(image_grid_thw), "video": host_grids(video_grid_thw)}
+    out = self.visual(torch.cat([pixel_values.type(dtype), pixel_values_videos.type(dtype)]),
+                      grid_thw=concat_grids(image_grid_thw, video_grid_thw), return_dict=True, **kwargs)
+    merge = self.visual.spatial_merge_size
+    patches = [sum(t * h * w for t, h, w in grids[name]) for name in ("image", "video")]
+    tokens = [n // merge ** 2 for n in patches]
+
+    def split(value, what: str):
+        if value is None:
+            return None, None
+        if isinstance(value, (list, tuple)):
+            return tuple(map(list, zip(*(split(v, what) for v in value)))) if value else ([], [])
+        for sizes in (tokens, patches):
+            if torch.is_tensor(value) and value.shape[0] == sum(sizes):
+                return torch.split(value, sizes)
+        raise ValueError(f"visual_merge: cannot split the tower's {what} of shape {tuple(value.shape)} into "
+                         f"{patches} patches / {tokens} merged tokens of images and videos")
+
+    fields = {key: split(value, key) for key, value in out.items()}
+    return {name: _per_medium(self, type(out)(**{key: parts[i] for key, parts in fields.items()}), grids[name])
+            for i, name in enumerate(("image", "video"))}
 
 
 # the stock decorators: modality-prefixed precomputed kwargs translated, `return_dict=False` a tuple
@@ -197,8 +259,8 @@ def patch_visual_merge(model, model_type: str) -> list[str]:
     inner.forward = types.MethodType(_merged_forward, inner)
     inner.get_image_features = types.MethodType(_image_features, inner)
     inner.get_video_features = types.MethodType(_video_features, inner)
-    patched = [f"visual_merge: {cls.__qualname__}.forward (placeholders by integer index, index_copy), "
-               "get_image_features / get_video_features (split on the host grid)"]
+    patched = [f"visual_merge: {cls.__qualname__}.forward (placeholders by integer index, index_copy; images and "
+               "videos in one tower call), get_image_features / get_video_features (split on the host grid)"]
     if inner._vltrain_merge_deepstack:
         text = inner.language_model
         text._vltrain_deepstack_inner = text._deepstack_process
