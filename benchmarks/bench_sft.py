@@ -844,7 +844,14 @@ def main():
     ap.add_argument("--torch_varlen", action="store_true",
                     help="attention through torch.nn.attention.varlen.varlen_attn (its custom op) instead of the "
                          "direct call of torch's flash kernels (vltrain.attention.flash_varlen): the A/B of round 6")
+    ap.add_argument("--two_tower_calls", action="store_true",
+                    help="visual_merge runs the vision tower once per modality (images, then videos), as before "
+                         "round 7, instead of once over both: the A/B of round 7")
     args = ap.parse_args()
+    if args.two_tower_calls:
+        from vltrain.kernels import visual_merge
+
+        visual_merge._one_tower_call = lambda self, kwargs: False
     if args.torch_varlen:
         import vltrain.attention
 

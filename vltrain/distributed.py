@@ -142,6 +142,7 @@ def check_kernels_supported(accelerator, model_cfg) -> None:
             if parameters_sharded(accelerator):
                 raise ValueError(f"model.kernels {name} is not supported under ZeRO-3/FSDP sharding (untested "
                                  "there): drop it from model.kernels")
-    if "compile_layers" in model_cfg.kernels and parameters_sharded(accelerator):
-        raise ValueError("model.kernels compile_layers is not supported under ZeRO-3/FSDP sharding (untested there): "
-                         "drop it from model.kernels")
+    for name in ("compile_layers", "compile_vision"):
+        if name in model_cfg.kernels and parameters_sharded(accelerator):
+            raise ValueError(f"model.kernels {name} is not supported under ZeRO-3/FSDP sharding (untested there): "
+                             "drop it from model.kernels")

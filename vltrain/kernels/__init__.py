@@ -19,6 +19,7 @@ Kernels (module docstrings say exactly what each replaces):
 - "float8", "float8_rowwise" (every family, opt-in) float8.py: the LLM decoder layers' linears as torchao
                                             Float8Linear (tensorwise / rowwise scales); needs torchao.
 - "compile_layers"        (every family, opt-in) compile_layers.py: each LLM decoder layer torch.compile'd.
+- "compile_vision"        (every family, opt-in) compile_layers.py: each vision tower block torch.compile'd.
 - "all": every kernel that applies to the model's family, except the opt-in ones (and old names).
 
 Kernels are applied in the order of KERNELS, whatever the order asked for (float8 swaps the linears before
@@ -32,7 +33,7 @@ before `accelerator.prepare` / FSDP / DeepSpeed wrapping, so their hooks see the
 from __future__ import annotations
 
 from vltrain.families import family_spec, get_module
-from vltrain.kernels.compile_layers import patch_compile_layers
+from vltrain.kernels.compile_layers import patch_compile_layers, patch_compile_vision
 from vltrain.kernels.float8 import FLOAT8_RECIPES, patch_float8
 from vltrain.kernels.fused_ce import patch_fused_linear_ce
 from vltrain.kernels.patch_embed import patch_patch_embed_linear
@@ -44,10 +45,10 @@ from vltrain.kernels.visual_merge import MERGED_MODELS, patch_visual_merge
 
 KERNELS = ("fused_linear_ce", "vision_varlen", "vision_window_varlen", "vision_positions", "visual_merge",
            "patch_embed_linear", "rms_norm", "swiglu",
-           "float8", "float8_rowwise", "compile_layers")
-# not part of "all": compile_layers costs a compile at the start of every run; float8 changes the numerics
+           "float8", "float8_rowwise", "compile_layers", "compile_vision")
+# not part of "all": compile_layers / compile_vision cost a compile at the start of every run; float8 changes the numerics
 # (and was slower than bf16 on Qwen2.5-VL-3B, benchmarks/RESULTS.md)
-OPT_IN = ("float8", "float8_rowwise", "compile_layers")
+OPT_IN = ("float8", "float8_rowwise", "compile_layers", "compile_vision")
 OLD_NAMES = {"vision_window_varlen": "vision_varlen"}  # accepted where the old kernel applied; not in "all"
 # Families whose default architecture has no SwiGLU MLP (Qwen3-VL-MoE: every LLM layer is MoE, GELU
 # vision MLP). For a model instance the check is on its modules instead.
@@ -119,6 +120,8 @@ def apply_kernels(model, kernels: list[str] | tuple[str, ...], *, strict: bool =
             new = patch_float8(base, name)
         elif name == "compile_layers":
             new = [patch_compile_layers(base)]
+        elif name == "compile_vision":
+            new = [patch_compile_vision(base)]
         else:
             path = f"{spec.vision_module}.patch_embed"
             new = patch_patch_embed_linear(get_module(model, path), path)

@@ -1,4 +1,5 @@
-"""Each LLM decoder layer's computation through `torch.compile` ("compile_layers").
+"""Each LLM decoder layer's computation through `torch.compile` ("compile_layers"); each vision block's
+("compile_vision").
 
 Patches, on one model instance, `forward` of every LLM decoder layer: in training (module in train mode,
 grad enabled) the layer's own computation runs as a `torch.compile(dynamic=True)` function, so inductor
@@ -15,7 +16,10 @@ break entirely eager.) Eval mode and no-grad calls (generation, evaluation) run 
 
 Runs eager inside the compiled function (`torch.compiler.disable` in vltrain.attention): the packed
 varlen attention (its example boundaries are data-dependent) and Qwen3.5's per-example linear
-attention. The vision tower is not compiled.
+attention. The vision tower's blocks are compiled the same way by "compile_vision" (also opt-in): the
+varlen vision attention between the matmuls runs eager there, the norms, rotary embedding, residuals and
+activations around it are fused. For families whose step is bound by launching the tower's many small
+kernels (Qwen2-VL, Qwen3-VL: benchmarks/RESULTS.md).
 
 Costs: the first steps compile (about a minute on a GPU). Not part of "all": ask for it by name
 (`model.kernels=[all,compile_layers]`). The SFT recipe refuses it with sharded parameters (FSDP,
@@ -47,8 +51,20 @@ def _compiled_layer_forward(self, *args, **kwargs):
 
 
 def patch_compile_layers(model) -> str:
+    """"compile_layers": every LLM decoder layer (the path in the family table)."""
     base = get_module(model, "")
-    path = family_spec(base).llm_layers
+    return _compile_each(base, family_spec(base).llm_layers, "layers")
+
+
+def patch_compile_vision(model) -> str:
+    """"compile_vision": every vision tower block, the same way. The varlen attention in them runs eager
+    (vltrain.kernels.vision_varlen: `torch.compiler.disable`); the patch embedding, rotary tables, window
+    permutation and merger stay outside (they run once per tower call, not per block)."""
+    base = get_module(model, "")
+    return _compile_each(base, family_spec(base).vision_blocks, "blocks")
+
+
+def _compile_each(base, path: str, what: str) -> str:
     layers = base.get_submodule(path)
     for layer in layers:
         if getattr(layer.__dict__.get("forward"), "__func__", None) is _compiled_layer_forward:
@@ -56,4 +72,5 @@ def patch_compile_layers(model) -> str:
         stock = types.MethodType(_stock_forward(layer), layer)
         layer._vltrain_compiled = torch.compile(stock, dynamic=True)
         layer.forward = types.MethodType(_compiled_layer_forward, layer)  # deepcopy rebinds it
-    return f"compile_layers: {path}.*.forward ({len(layers)} layers) torch.compile'd, dynamic shapes"
+    kernel = "compile_layers" if what == "layers" else "compile_vision"
+    return f"{kernel}: {path}.*.forward ({len(layers)} {what}) torch.compile'd, dynamic shapes"

@@ -49,6 +49,7 @@ VISION_ATTENTION = {
 _MAX_SEQLEN = TensorKeyedCache(max_segment, size=4)  # images/frames and windows, of the forward and its recompute
 
 
+@torch.compiler.disable  # eager inside a compiled block (kernels "compile_vision"): the flash call and its lengths
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None = None, scale: float | None = None):
     """Non-causal attention within each segment of `cu_seqlens`.
 
