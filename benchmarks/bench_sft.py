@@ -609,7 +609,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
 
     As in the other paths one optimizer step trains every sample once: train.gradient_accumulation_steps is
     the loader's micro-batch count (not shuffled, so every step holds the same micro-batches). Each step
-    is therefore an epoch of its own (unless `--loop_epoch_steps K` writes the data K times: K steps per epoch,
+    is therefore an epoch of its own (unless `--loop_epoch_steps K` writes the data K times: about K steps per epoch,
     each step the same position of every epoch) and starts by waiting for the loader's first micro-batch (workers
     prefetch within an epoch only), a wait that a dataset of many steps per epoch has once per epoch:
     `epoch_start_s` measures it (a fresh iterator's first micro-batch with the workers running) so that it
@@ -660,20 +660,22 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
                           seed=cfg.train.seed)
     # The Accelerator comes after the loader: its accumulation steps are the loader's micro-batches (build_model
     # needs the accelerator's device only for a quantized base).
-    if len(loader) % copies:
+    # one step = one copy's worth of micro-batches (packing fills a micro-batch across the copies' boundary)
+    ga = max(1, round(len(loader) / copies))
+    if len(loader) % ga:
         raise SystemExit(f"--loop_epoch_steps {copies}: the loader's {len(loader)} micro-batches do not split into "
-                         f"{copies} equal steps")
-    cfg.train.gradient_accumulation_steps = len(loader) // copies
+                         f"steps of {ga}")
+    cfg.train.gradient_accumulation_steps = ga
+    epoch_steps = len(loader) // ga
     phase("loader built (lengths measured)")
     dump_config(cfg, workdir / "config.yaml")  # the run's config, as a recipe writes it
     examples = [dataset[i] for i in range(len(dataset))]
-    ga = cfg.train.gradient_accumulation_steps
     micro = list(loader.batch_sampler)  # unshuffled: every epoch the same micro-batches, in this order
     step_tokens = [sum(len(examples[i]["input_ids"]) for mb in micro[k * ga:(k + 1) * ga] for i in mb)
-                   for k in range(copies)]  # the real tokens of each optimizer step of an epoch
-    real = sum(step_tokens) / copies
+                   for k in range(epoch_steps)]  # the real tokens of each optimizer step of an epoch
+    real = sum(step_tokens) / epoch_steps
     base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
-    flops = model_flops(base, examples, lora=mode == "lora") / copies
+    flops = model_flops(base, examples, lora=mode == "lora") / epoch_steps
     setup_s = time.perf_counter() - t_setup
     phase("examples encoded, training starts")
 
@@ -708,7 +710,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     num_steps = args.warmup + args.steps
     if sorted(logged) != list(range(1, num_steps + 1)):
         raise RuntimeError(f"{cfg.train.output_dir}/{METRICS_FILE} has steps {sorted(logged)}, expected 1..{num_steps}")
-    times = [step_tokens[(step - 1) % copies] / logged[step]["tokens_per_s"] for step in range(args.warmup + 1, num_steps + 1)]
+    times = [step_tokens[(step - 1) % epoch_steps] / logged[step]["tokens_per_s"] for step in range(args.warmup + 1, num_steps + 1)]
     step_s = sorted(times)[len(times) // 2]
     batches = iter(loader)  # the workers start (not timed), then a new epoch's first micro-batch is timed
     next(batches)
@@ -717,7 +719,7 @@ def run_loop(args, device, ceiling, *, mode: str, gc_every: int, compile_layers:
     next(iter(loader))
     epoch_start_s = time.perf_counter() - t0
     return dict(
-        ok=True, step_s=step_s, real_tokens=real, padded_tokens=real, micro_batches=ga, epoch_steps=copies,
+        ok=True, step_s=step_s, real_tokens=real, padded_tokens=real, micro_batches=ga, epoch_steps=epoch_steps,
         tokens_per_s=real / step_s, tflops=flops / step_s / 1e12, mfu=flops / step_s / ceiling, peak_gib=peak,
         losses=losses, step_times=times, memory_gib=[logged[s]["memory_gib"] for s in sorted(logged)],
         epoch_start_s=epoch_start_s, mixed_precision=precision, kernels=cfg.model.kernels,
@@ -839,8 +841,9 @@ def main():
                     help="loop: accelerate's mixed precision (default: accelerate_configs/single_gpu.yaml's, bf16); "
                          "'no' = the bf16 model without autocast, as the vltrain path runs")
     ap.add_argument("--loop_epoch_steps", type=int, default=1,
-                    help="loop: the data written this many times, so one epoch holds this many optimizer steps (1: "
-                         "every step is an epoch and waits for the epoch's first micro-batch)")
+                    help="loop: the data written this many times, one step = about one copy's micro-batches, so one "
+                         "epoch holds about this many optimizer steps (1: every step is an epoch and waits for the "
+                         "epoch's first micro-batch)")
     ap.add_argument("--torch_varlen", action="store_true",
                     help="attention through torch.nn.attention.varlen.varlen_attn (its custom op) instead of the "
                          "direct call of torch's flash kernels (vltrain.attention.flash_varlen): the A/B of round 6")
