@@ -94,6 +94,7 @@ _CACHE = TensorKeyedCache(_cu_seqlens)
 
 
 # ------------------------------------------------------------------------------- the attention op
+@functools.cache  # looked up once: a failed import searches sys.path again on every try (~50 us, every layer)
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -102,6 +103,7 @@ def _torch_varlen():
     return varlen_attn
 
 
+@functools.cache
 def _flash_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
