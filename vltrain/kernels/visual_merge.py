@@ -122,7 +122,8 @@ def _merged_forward(self, input_ids=None, attention_mask=None, position_ids=None
             continue
         # the instance's get_*_features: this kernel's (split on the host grid), or a wrapper of it
         # (vltrain.vision.shared_media: one tower pass per unique medium of a preference batch)
-        out = encoded.get(name) or getattr(self, f"get_{name}_features")(pixels, grid, return_dict=True, **kwargs)
+        out = encoded[name] if name in encoded else getattr(self, f"get_{name}_features")(
+            pixels, grid, return_dict=True, **kwargs)
         features = torch.cat(out.pooler_output)
         at = placeholder_index(input_ids, token_id, features.shape[0], name)
         flat = flat.index_copy(0, at, features.to(flat.device, flat.dtype))
