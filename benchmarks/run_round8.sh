@@ -6,6 +6,8 @@
 #                                           # compile_vision), every layer / every 2nd / every 3rd checkpointed
 #   bash benchmarks/run_round8.sh q3        # Qwen3-VL-4B full FT near HF's peak memory: a larger token budget with
 #                                           # every layer checkpointed, every 2nd layer at 10,240 tokens
+#   bash benchmarks/run_round8.sh loopmp    # Qwen2.5-VL-3B: the hand-written step and loops.sft.train without autocast
+#                                           # (the bf16 model as the hand-written step runs it), same process
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -18,5 +20,7 @@ lora7b) timeout 560 $B --preset qwen2_5_vl_7b --runs hf:lora:gc1@4,vltrain:lora:
           --out "$OUT/r8_lora_7b.json" 2>&1 | show ;;
 q3) timeout 500 $B --preset qwen3_vl_4b --runs hf:full:gc1@4,vltrain:full:gc1c+compile_vision@32768,vltrain:full:gc2c+compile_vision@10240 \
       --out "$OUT/r8_q3.json" 2>&1 | show ;;
+loopmp) timeout 240 $B --preset qwen2_5_vl_3b --runs vltrain:full:gc1@16384,loop:full:gc1@16384 --loop_epoch_steps 4 \
+          --loop_mixed_precision no --out "$OUT/r8_loop_3b_no_autocast.json" 2>&1 | show ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac; done
