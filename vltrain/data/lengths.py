@@ -56,7 +56,8 @@ from vltrain.data.encode import (IGNORE_INDEX, SampleSkipped, _truncate, assista
 from vltrain.data.formats import Conversation
 from vltrain.data.labels import ClassificationDataset
 from vltrain.data.media import (MediaError, MediaOptions, frame_list_indices, frame_paths, image_header_size,
-                                image_size, resolve_media_path, sample_frame_indices, video_header, video_size)
+                                image_size, local_media_path, resolve_media_path, sample_frame_indices, video_header,
+                                video_size)
 from vltrain.data.packing import example_length
 from vltrain.data.pairs import PairDataset, unusable_reason
 from vltrain.data.template import render_chat
@@ -81,26 +82,18 @@ class LengthEstimate:
 
 
 # ------------------------------------------------------------------------------------------ media
-def _local_path(ref: str) -> str:
-    if re.match(r"^(https?)://", ref) or ref.startswith("data:"):
-        raise Unmeasurable(f"{ref[:60]}: not a local file")
-    path = ref.removeprefix("file://")
-    if not os.path.isfile(path):
-        raise Unmeasurable(f"{path}: not found")
-    return path
-
-
 def video_layout(ref, opts: MediaOptions) -> tuple[int, int, VideoMetadata]:
-    """(height, width, metadata with the sampled frames' indices) that media.load_video gives video `ref`."""
+    """(height, width, metadata with the sampled frames' indices) that media.load_video gives video `ref`
+    (MediaError for a file without a readable header)."""
     if opts.fps is not None and opts.nframes is not None:
         raise Unmeasurable("fps and nframes both set")  # load_video names the error
     if isinstance(ref, (list, tuple)) or os.path.isdir(ref):
         paths = frame_paths(ref)
         fps, total = opts.fps or qvu.FPS, len(paths)
         indices = frame_list_indices(str(ref), total, opts)
-        height, width = image_header_size(_local_path(paths[indices[0]]))
+        height, width = image_header_size(paths[indices[0]])
     else:
-        total, fps, height, width = video_header(_local_path(ref))
+        total, fps, height, width = video_header(local_media_path(ref, "video"))
         indices = sample_frame_indices(ref, total, fps, opts)
     height, width = video_size(ref, height, width, len(indices), opts)
     metadata = VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps, frames_indices=indices,
@@ -114,7 +107,7 @@ def _media_replacements(conv: Conversation, processor, media: MediaOptions, imag
         patch = processor.image_processor.patch_size
         grids = []
         for ref in conv.images:
-            height, width = image_size(_local_path(resolve_media_path(ref, image_folder)), media)
+            height, width = image_size(resolve_media_path(ref, image_folder), media)
             grids.append([1, height // patch, width // patch])
         images = [processor.replace_image_token({"image_grid_thw": torch.tensor(grids)}, i) for i in range(len(grids))]
         videos = []

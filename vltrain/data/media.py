@@ -80,13 +80,13 @@ def image_size(ref: str, opts: MediaOptions) -> tuple[int, int]:
     """(height, width) that `load_image` gives the local image `ref`, read from its header alone (no pixel decoded):
     the one sizing rule, also used by the length estimates (vltrain.data.lengths). MediaError names the file when it
     is missing, unreadable, too large to decode or of a size the resize rule refuses."""
-    with _open_header(_local_image_path(ref)) as image:
+    with _open_header(local_media_path(ref)) as image:
         return _target_size(ref, image.height, image.width, opts)
 
 
 def image_header_size(path: str) -> tuple[int, int]:
     """(height, width) of the local image `path`, from its header (no pixel decoded)."""
-    with _open_header(_local_image_path(path)) as image:
+    with _open_header(local_media_path(path)) as image:
         return image.height, image.width
 
 
@@ -101,7 +101,7 @@ def load_image(ref: str, opts: MediaOptions) -> Image.Image:
             return qvu.fetch_image({"image": ref, **bounds}, image_patch_size=factor // 2)
         except Exception as e:  # a failed download, a bad data URI, an extreme aspect ratio
             raise MediaError(f"cannot load image {_short(ref)}: {e}") from e
-    path = _local_image_path(ref)
+    path = local_media_path(ref)
     with _open_header(path) as image:
         height, width = _target_size(ref, image.height, image.width, opts)
         image = _decode(image, path, (height, width))
@@ -127,12 +127,14 @@ def _fit(ref, height: int, width: int, factor: int, min_pixels: int | None = Non
     return max(height, factor), max(width, factor)
 
 
-def _local_image_path(ref: str) -> str:
+def local_media_path(ref: str, kind: str = "image") -> str:
+    """The local file that `ref` names (a `file://` prefix dropped); MediaError for a URL, a data URI or a missing
+    file (`kind` names what it is in the message)."""
     if re.match(r"^(https?)://", ref) or ref.startswith("data:"):
-        raise MediaError(f"image {_short(ref)} is not a local file: its size has no header to read here")
+        raise MediaError(f"{kind} {_short(ref)} is not a local file: its size has no header to read here")
     path = ref.removeprefix("file://")
     if not os.path.isfile(path):
-        raise MediaError(f"image file not found: {path}")
+        raise MediaError(f"{kind} file not found: {path}")
     return path
 
 
@@ -359,7 +361,7 @@ def _load_frame_list(ref: str | list[str], opts: MediaOptions) -> tuple[torch.Te
     target = video_size(name, *source, len(indices), opts)
     images = {}
     for i in set(indices):
-        path = _local_image_path(paths[i])
+        path = local_media_path(paths[i])
         with _open_header(path) as image:
             images[i] = _decode(image, path, target).convert("RGB")
     size = images[indices[0]].size
