@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round-8 stages (#15), each under a time limit; files go to $OUT. Needs the carried wheels first.
 #   bash benchmarks/run_round8.sh gputests  # the GPU tests not re-run since the attention-backend cache:
-#                                           # vision_varlen, packing, the benchmark's loop test
+#                                           # vision_varlen, vision_positions, kernels, packing, the benchmark loop test
 #   bash benchmarks/run_round8.sh lora7b    # Qwen2.5-VL-7B LoRA, GC on: HF-default vs vltrain (compile_layers +
 #                                           # compile_vision), every layer / every 2nd / every 3rd checkpointed
 #   bash benchmarks/run_round8.sh q3        # Qwen3-VL-4B full FT near HF's peak memory: a larger token budget with
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
 show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|split|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
-gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_varlen.py tests/test_packing.py tests/test_bench.py \
+gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_varlen.py tests/test_vision_positions.py tests/test_kernels.py tests/test_packing.py tests/test_bench.py \
             -p no:cacheprovider > "$OUT/gputests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/gputests.log" | tail -20 ;;
 lora7b) timeout 560 $B --preset qwen2_5_vl_7b --runs hf:lora:gc1@4,vltrain:lora:gc1c+compile_vision@16384,vltrain:lora:gc2c+compile_vision@16384,vltrain:lora:gc3c+compile_vision@16384 \
           --out "$OUT/r8_lora_7b.json" 2>&1 | show ;;

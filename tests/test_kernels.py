@@ -35,6 +35,7 @@ from vltrain.kernels.vision_varlen import masked_varlen_attention
 from vltrain.tiny import build_tiny
 
 from conftest import stock_and_copy
+from vision_helpers import loss_and_grads, rel_err
 
 FAMILY_NAMES = sorted(FAMILIES)
 ATOL = 1e-5
@@ -88,13 +89,6 @@ def video_batch(processor):
 
 def _to(batch, device, dtype):
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-
-
-def loss_and_grads(model, batch, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_loss_and_grads(stock, patched, batch, atol=ATOL, **kwargs):
@@ -513,10 +507,6 @@ def test_generation_unchanged(family):
 # --- GPU, bf16: liger fused CE and torch varlen attention -------------------------------------------
 
 
-def _rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -531,7 +521,7 @@ def test_gpu_bf16_all_kernels_match_stock(family):
     out, grads = loss_and_grads(patched, batch, num_items_in_batch=torch.tensor(37))
     assert abs(out.loss.item() - ref.loss.item()) < 2e-2
     assert grads.keys() == ref_grads.keys()
-    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in grads}
+    errors = {name: rel_err(grads[name], ref_grads[name]) for name in grads}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
@@ -544,7 +534,7 @@ def test_gpu_bf16_window_attention_matches_stock():
     batch = _to(image_batch(processor, sizes=((56, 84), (112, 140), (28, 28), (84, 196))), "cuda", torch.bfloat16)
     outs = [m.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
             for m in (stock, patched)]
-    assert _rel_err(outs[1], outs[0]) < 2e-2
+    assert rel_err(outs[1], outs[0]) < 2e-2
 
 
 @gpu
@@ -576,7 +566,7 @@ def test_gpu_bf16_rms_norm_op_matches_stock(family):
         results.append((y, xi.grad, module.weight.grad))
     for got, want in zip(results[1], results[0]):
         assert got.dtype == want.dtype
-        assert _rel_err(got, want) < 1e-2
+        assert rel_err(got, want) < 1e-2
 
 
 @gpu
@@ -601,7 +591,7 @@ def test_gpu_bf16_swiglu_op_matches_stock():
             y.square().sum().backward()
             outs.append([y, xi.grad] + [p.grad for p in mlp.parameters()])
         for got, want in zip(outs[1], outs[0]):
-            assert _rel_err(got, want) < 1e-2
+            assert rel_err(got, want) < 1e-2
 
 
 def _vision_mlp(intermediate: int, dtype=torch.float32, device="cpu", hidden: int = 48):
@@ -674,7 +664,7 @@ def test_gpu_bf16_swiglu_misaligned_intermediate_matches_stock():
     finally:
         handle.remove()
     for got, want in zip(outs[1], outs[0]):
-        assert got.shape == want.shape and _rel_err(got, want) < 1e-2
+        assert got.shape == want.shape and rel_err(got, want) < 1e-2
 
 
 @gpu
@@ -690,5 +680,5 @@ def test_gpu_bf16_rms_norm_swiglu_match_stock(family):
     ref, ref_grads = loss_and_grads(stock, batch)
     out, grads = loss_and_grads(patched, batch)
     assert abs(out.loss.item() - ref.loss.item()) < 1e-2
-    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in grads}
+    errors = {name: rel_err(grads[name], ref_grads[name]) for name in grads}
     assert max(errors.values()) < 3e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]

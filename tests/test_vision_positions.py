@@ -12,17 +12,14 @@ loss on a real SFT batch. GPU tests (`-m gpu`, bf16) run on an H200:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import time
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vltrain.families import FAMILIES, family_spec
+from vltrain.families import FAMILIES
 from vltrain.kernels import apply_kernels
 from vltrain.kernels import vision_positions
 from vltrain.models import enable_gradient_checkpointing
@@ -30,52 +27,15 @@ from vltrain.kernels.vision_positions import (
     VISION_TOWERS, SyncCounter, TowerLayout, build_host_inputs, patch_vision_positions, verify_tower,
 )
 
-from conftest import REPO, stock_and_copy
+from conftest import stock_and_copy
+from vision_helpers import (cuda_syncs, loss_and_grads, preset_vision_tower, rel_err, sft_batch, tower_forward_backward,
+                            vision_inputs, visual_of)
 
 FAMILY_NAMES = sorted(FAMILIES)
 ATOL = 1e-6
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def vision_inputs(processor):
-    """Pixel rows and grid of 2 images of different sizes and an 8-frame video, as ONE vision tower call."""
-    from transformers.video_utils import VideoMetadata
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in ((56, 84), (112, 140))]
-    image = processor.image_processor(images=images, return_tensors="pt")
-    frames = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    metadata = [VideoMetadata(total_num_frames=8, fps=2.0, frames_indices=list(range(8)))]
-    video = processor.video_processor(videos=[frames], video_metadata=metadata, do_sample_frames=False,
-                                      return_tensors="pt")
-    pixels = torch.cat([image["pixel_values"], video["pixel_values_videos"]])
-    grid = torch.cat([image["image_grid_thw"], video["video_grid_thw"]])
-    assert len({tuple(g) for g in grid.tolist()}) == 3 and grid[-1, 0] > 1  # 3 sizes, a video of several frames
-    return pixels, grid
-
-
-def visual_of(model):
-    return model.get_submodule(family_spec(model).vision_module)
-
-
-def outputs_of(out) -> list[torch.Tensor]:
-    """Every tensor the tower returns (Qwen3-VL adds DeepStack features)."""
-    return [out.last_hidden_state, out.pooler_output] + list(getattr(out, "deepstack_features", None) or [])
-
-
-def forward_backward(model, pixels, grid):
-    """Tower outputs and the gradients of the pixels and every vision parameter under a fixed weighting."""
-    visual = visual_of(model)
-    visual.zero_grad(set_to_none=True)
-    pixels = pixels.detach().clone().requires_grad_(True)
-    outs = outputs_of(visual(pixels, grid_thw=grid))
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
-    loss.backward()
-    grads = {"pixel_values": pixels.grad, **{n: p.grad for n, p in visual.named_parameters() if p.grad is not None}}
-    return outs, grads
 
 
 def assert_same(outs, grads, ref_outs, ref_grads, atol=ATOL, min_grads=10):
@@ -137,9 +97,9 @@ def test_tower_matches_stock_and_reads_the_grid_once(family):
     assert entry.startswith(f"vision_positions: model.visual.forward ({VISION_TOWERS[family].cls};")
     pixels, grid = vision_inputs(processor)
     with SyncCounter() as stock_syncs:
-        ref_outs, ref_grads = forward_backward(stock, pixels, grid)
+        ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     with SyncCounter() as syncs:
-        outs, grads = forward_backward(patched, pixels, grid)
+        outs, grads = tower_forward_backward(patched, pixels, grid)
     assert_same(outs, grads, ref_outs, ref_grads)
     assert syncs.events == ["Tensor.tolist"] * (1 + attention_reads(patched))
     assert stock_syncs.count - attention_reads(stock) >= STOCK_GRID_READS[family]  # gone with the patch
@@ -156,9 +116,9 @@ def test_with_vision_varlen_one_read_per_step_also_under_gradient_checkpointing(
     assert patch_vision_positions(patched, family)
     pixels, grid = vision_inputs(processor)
     with SyncCounter() as stock_syncs:
-        ref_outs, ref_grads = forward_backward(stock, pixels, grid)
+        ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     with SyncCounter() as syncs:
-        outs, grads = forward_backward(patched, pixels, grid)
+        outs, grads = tower_forward_backward(patched, pixels, grid)
     assert_same(outs, grads, ref_outs, ref_grads)
     assert syncs.events == ["Tensor.tolist"]
     assert stock_syncs.count >= STOCK_GRID_READS[family], stock_syncs.events
@@ -169,11 +129,11 @@ def test_with_vision_varlen_one_read_per_step_also_under_gradient_checkpointing(
     recomputed = []  # the checkpoint wraps the block's forward: hooks on its attention fire in the recompute too
     handle = visual_of(patched).blocks[0].attn.register_forward_pre_hook(lambda module, args: recomputed.append(1))
     with SyncCounter() as gc_syncs:
-        outs, grads = forward_backward(patched, pixels, grid.clone())
+        outs, grads = tower_forward_backward(patched, pixels, grid.clone())
     handle.remove()
     assert len(recomputed) == 2, "the block was not recomputed in the backward"
     assert gc_syncs.events == ["Tensor.tolist"]
-    ref_outs, ref_grads = forward_backward(stock, pixels, grid)
+    ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     assert_same(outs, grads, ref_outs, ref_grads)
 
 
@@ -239,27 +199,6 @@ def test_same_grids_build_nothing_new_and_the_same_grid_tensor_reads_nothing(mon
 # --- the whole model on a real SFT batch ---------------------------------------------------------------------
 
 
-def sft_batch(model_type, processor, media_dir, mixed_data):
-    """One padded batch of the mixed SFT records (text, one image, two images, a video) from the data layer."""
-    from vltrain.data.dataset import PadCollator, SFTDataset
-    from vltrain.data.media import MediaOptions
-    from vltrain.progress import model_inputs
-
-    media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
-                         video_max_pixels=64 * 64, nframes=4)
-    dataset = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
-    batch = model_inputs(PadCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))]))
-    assert {"pixel_values", "pixel_values_videos"} <= batch.keys()
-    return batch
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    return out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("kernels", [["vision_varlen"], ["all"]])
 def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels, media_dir, mixed_data, monkeypatch):
@@ -270,16 +209,16 @@ def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels,
     else:
         assert patch_vision_positions(patched, family)
     batch = sft_batch(family, processor, media_dir, mixed_data)
-    ref_loss, ref_grads = loss_and_grads(stock, batch)
+    ref, ref_grads = loss_and_grads(stock, batch)
     built = []
     device_inputs = vision_positions.device_inputs
     monkeypatch.setattr(vision_positions, "device_inputs",
                         lambda grids, *args: built.append(grids) or device_inputs(grids, *args))
-    loss, grads = loss_and_grads(patched, batch)
+    out, grads = loss_and_grads(patched, batch)
     grids = [tuple(map(tuple, batch[key].tolist())) for key in ("image_grid_thw", "video_grid_thw")]
     # the patched tower ran, on the images and on the video (with "all": visual_merge's one call over both)
     assert set(built) == ({grids[0] + grids[1]} if "all" in kernels else set(grids))
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -317,8 +256,8 @@ def test_through_a_peft_wrapper_with_vision_lora():
     (entry,) = patch_vision_positions(patched, "qwen2_vl")
     assert entry.startswith("vision_positions: model.visual.forward")
     pixels, grid = vision_inputs(processor)
-    outs, grads = forward_backward(patched.base_model.model, pixels, grid)
-    ref_outs, ref_grads = forward_backward(stock.base_model.model, pixels, grid)
+    outs, grads = tower_forward_backward(patched.base_model.model, pixels, grid)
+    ref_outs, ref_grads = tower_forward_backward(stock.base_model.model, pixels, grid)
     assert sum("lora_" in name for name in grads) == 8  # A and B of qkv and proj, 2 blocks; the base is frozen
     assert_same(outs, grads, ref_outs, ref_grads, min_grads=8)
 
@@ -409,10 +348,6 @@ def test_sync_counter_counts_the_ops_that_read_the_device():
 # --- GPU, bf16 ----------------------------------------------------------------------------------------------
 
 
-def _rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -440,13 +375,13 @@ def test_gpu_bf16_matches_stock_and_runs_without_sync(family):
             grid, visual.num_grid_per_side, mode="bilinear", align_corners=visual.interpolation_align_corners,
             spatial_merge_size=2)
         assert torch.equal(built["interp_indices"], indices) and torch.equal(built["interp_weights"], weights)
-    ref_outs, ref_grads = forward_backward(stock, pixels, grid)
+    ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     with SyncCounter() as syncs:
-        outs, grads = forward_backward(patched, pixels, grid.clone())
+        outs, grads = tower_forward_backward(patched, pixels, grid.clone())
     assert syncs.events == ["Tensor.tolist"]
     for got, want in zip(outs, ref_outs, strict=True):
-        assert _rel_err(got, want) < 2e-2
-    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in ref_grads}
+        assert rel_err(got, want) < 2e-2
+    errors = {name: rel_err(grads[name], ref_grads[name]) for name in ref_grads}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
     visual = visual_of(patched)
@@ -457,36 +392,7 @@ def test_gpu_bf16_matches_stock_and_runs_without_sync(family):
         out = visual(pixels, grid_thw=grid)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert _rel_err(out.pooler_output, ref_outs[1]) < 2e-2
-
-
-def _qwen2_5_vl_3b_vision():
-    """The vision tower of Qwen2.5-VL-3B (benchmarks/bench_sft.py's preset), random weights, bf16, CUDA."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    spec = importlib.util.spec_from_file_location("bench_sft", REPO / "benchmarks" / "bench_sft.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    config = Qwen2_5_VLVisionConfig(**bench.PRESETS["qwen2_5_vl_3b"]["vision_config"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        return Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch.bfloat16,
-                                                                     attn_implementation="sdpa")
-
-
-def _cuda_syncs(fn) -> int:
-    """Synchronising CUDA calls made by `fn()`, as torch's sync debug mode reports them."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    assert rel_err(out.pooler_output, ref_outs[1]) < 2e-2
 
 
 @gpu
@@ -497,7 +403,10 @@ def test_gpu_timing_qwen2_5_vl_3b_vision_forward_backward():
     video, with vision_varlen, without and with vision_positions. Outputs agree within 2% relative L2."""
     from vltrain.kernels.vision_varlen import patch_vision_varlen
 
-    stock = _qwen2_5_vl_3b_vision()
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    stock = preset_vision_tower("qwen2_5_vl_3b", Qwen2_5_VLVisionConfig, Qwen2_5_VisionTransformerPretrainedModel)
     patch_vision_varlen(stock.blocks, "blocks", "qwen2_5_vl")
     patched = copy.deepcopy(stock)
     (entry,) = patch_vision_positions(patched, "qwen2_5_vl")
@@ -517,7 +426,7 @@ def test_gpu_timing_qwen2_5_vl_3b_vision_forward_backward():
     for name, model in (("vision_varlen", stock), ("vision_varlen + vision_positions", patched)):
         for _ in range(3):
             out = step(model)
-        syncs = _cuda_syncs(lambda: step(model))
+        syncs = cuda_syncs(lambda: step(model))
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(10):
@@ -527,7 +436,7 @@ def test_gpu_timing_qwen2_5_vl_3b_vision_forward_backward():
     (base_ms, base_syncs, base_out), (ms, syncs, out) = results.values()
     print(f"\n{entry}\nQwen2.5-VL-3B vision fwd+bwd, {pixels.shape[0]} patches: vision_varlen {base_ms:.1f} ms "
           f"({base_syncs} CUDA syncs), + vision_positions {ms:.1f} ms ({syncs} CUDA syncs) ({base_ms / ms:.2f}x)")
-    assert _rel_err(out, base_out) < 2e-2
+    assert rel_err(out, base_out) < 2e-2
     assert syncs < base_syncs
 
 

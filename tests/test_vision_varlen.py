@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vltrain.families import FAMILIES, family_spec
 from vltrain.kernels import applicable_kernels, apply_kernels
 from vltrain.kernels import vision_varlen
 from vltrain.kernels.vision_varlen import VISION_ATTENTION, patch_vision_varlen, verify_vision_attention_math
 
-from conftest import REPO, stock_and_copy
+from conftest import stock_and_copy
+from vision_helpers import (loss_and_grads, preset_vision_tower, rel_err, sft_batch, tower_forward_backward, tower_outputs,
+                            vision_inputs)
 
 FAMILY_NAMES = sorted(FAMILIES)
 ATOL = 1e-5
@@ -37,73 +36,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 _fresh = stock_and_copy
 
 
-def vision_inputs(processor):
-    """Pixel rows and grid of 2 images of different sizes and an 8-frame video, as ONE vision tower call:
-    2 + (8 frames / temporal patch 2) = 6 attention segments of 3 different lengths."""
-    from transformers.video_utils import VideoMetadata
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in ((56, 84), (112, 140))]
-    image = processor.image_processor(images=images, return_tensors="pt")
-    frames = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    metadata = [VideoMetadata(total_num_frames=8, fps=2.0, frames_indices=list(range(8)))]
-    video = processor.video_processor(videos=[frames], video_metadata=metadata, do_sample_frames=False,
-                                      return_tensors="pt")
-    pixels = torch.cat([image["pixel_values"], video["pixel_values_videos"]])
-    grid = torch.cat([image["image_grid_thw"], video["video_grid_thw"]])
-    return pixels, grid
-
-
-def _vision_outputs(out) -> list[torch.Tensor]:
-    """Every tensor the vision tower returns (Qwen3-VL adds deepstack features)."""
-    tensors = [out.last_hidden_state, out.pooler_output]
-    return tensors + list(getattr(out, "deepstack_features", None) or [])
-
-
-def vision_forward_backward(model, pixels, grid):
-    """Vision tower outputs, and the gradients of the pixel values and of every vision parameter under a
-    fixed random weighting of all outputs."""
-    visual = model.get_submodule(family_spec(model).vision_module)
-    visual.zero_grad(set_to_none=True)
-    pixels = pixels.detach().clone().requires_grad_(True)
-    outs = _vision_outputs(visual(pixels, grid_thw=grid))
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
-    loss.backward()
-    grads = {"pixel_values": pixels.grad, **{n: p.grad for n, p in visual.named_parameters() if p.grad is not None}}
-    return outs, grads
-
-
-def sft_batch(model_type, media_dir, mixed_data):
-    """One padded batch of the mixed SFT records (text, one image, two images of different sizes, a video)
-    built by the data layer, as the model takes it."""
-    from vltrain.data.dataset import PadCollator, SFTDataset
-    from vltrain.data.media import MediaOptions
-    from vltrain.progress import model_inputs
-
-    _, _, processor = stock_and_copy(model_type)
-    media = MediaOptions(image_factor=family_spec(model_type).image_factor, image_max_pixels=64 * 64 * 2,
-                         video_max_pixels=64 * 64, nframes=4)
-    dataset = SFTDataset(mixed_data, processor, media, max_seq_length=1024, image_folder=str(media_dir))
-    batch = model_inputs(PadCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))]))
-    assert {"pixel_values", "pixel_values_videos"} <= batch.keys()
-    assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 2  # a.png and b.png differ in size
-    return batch
-
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    return out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_loss_and_grads(stock, patched, batch, atol=ATOL):
-    ref_loss, ref_grads = loss_and_grads(stock, batch)
+    ref, ref_grads = loss_and_grads(stock, batch)
     with only_patched_attention(patched) as calls:
-        loss, grads = loss_and_grads(patched, batch)
+        out, grads = loss_and_grads(patched, batch)
     assert calls, "the patched vision attention never ran"
-    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=atol, rtol=0)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -141,9 +79,9 @@ def test_vision_tower_matches_stock_on_images_and_video(family):
     assert entries == [f"vision_varlen: model.visual.blocks.*.attn.forward (2 blocks, {VISION_ATTENTION[family]})"]
     pixels, grid = vision_inputs(processor)
     assert grid[:, 0].tolist()[-1] == 4 and len({tuple(g) for g in grid.tolist()}) == 3
-    ref_outs, ref_grads = vision_forward_backward(stock, pixels, grid)
+    ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     with only_patched_attention(patched) as calls:
-        outs, grads = vision_forward_backward(patched, pixels, grid)
+        outs, grads = tower_forward_backward(patched, pixels, grid)
     num_segments = int(grid[:, 0].sum())  # one per image and per temporal group of the video
     depth = len(patched.model.visual.blocks)
     if family_spec(family).window_attention:  # windowed blocks see more, smaller segments
@@ -163,12 +101,12 @@ def test_masked_path_differs_from_unsegmented_attention():
     stock, patched, processor = _fresh("qwen3_vl")
     apply_kernels(patched, ["vision_varlen"])
     pixels, grid = vision_inputs(processor)
-    want = _vision_outputs(stock.model.visual(pixels, grid_thw=grid))[1]
+    want = tower_outputs(stock.model.visual(pixels, grid_thw=grid))[1]
     whole = vision_varlen.masked_varlen_attention
     vision_varlen.masked_varlen_attention = lambda q, k, v, cu, scale=None: whole(
         q, k, v, torch.tensor([0, q.shape[0]]), scale)
     try:
-        got = _vision_outputs(patched.model.visual(pixels, grid_thw=grid))[1]
+        got = tower_outputs(patched.model.visual(pixels, grid_thw=grid))[1]
     finally:
         vision_varlen.masked_varlen_attention = whole
     assert (got - want).abs().max() > 20 * ATOL
@@ -185,7 +123,7 @@ def test_whole_model_loss_and_grads_match_stock_on_an_sft_batch(family, kernels,
     assert [e for e in entries if e.startswith("vision_varlen:")]
     if kernels == ["all"]:
         assert {e.split(":")[0] for e in entries} >= {"vision_varlen", "fused_linear_ce", "patch_embed_linear"}
-    assert_same_loss_and_grads(stock, patched, sft_batch(family, media_dir, mixed_data))
+    assert_same_loss_and_grads(stock, patched, sft_batch(family, stock_and_copy(family)[2], media_dir, mixed_data))
 
 
 def test_packed_rows_match_stock(media_dir, mixed_data):
@@ -306,10 +244,6 @@ def test_max_seqlen_from_transformers_is_passed_on():
 # --- GPU, bf16, against the stock sdpa path ------------------------------------------------------------------
 
 
-def _rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @contextlib.contextmanager
 def counted_torch_varlen():
     """Counts the calls of the fast path (`vltrain.attention.flash_varlen` that returned a result), so a GPU
@@ -342,37 +276,22 @@ def test_gpu_bf16_vision_varlen_matches_stock(family, media_dir, mixed_data):
     apply_kernels(patched, ["vision_varlen"])
     pixels, grid = vision_inputs(processor)
     pixels, grid = pixels.to("cuda", torch.bfloat16), grid.to("cuda")
-    ref_outs, ref_grads = vision_forward_backward(stock, pixels, grid)
+    ref_outs, ref_grads = tower_forward_backward(stock, pixels, grid)
     with counted_torch_varlen() as calls:
-        outs, grads = vision_forward_backward(patched, pixels, grid)
+        outs, grads = tower_forward_backward(patched, pixels, grid)
     assert len(calls) == len(patched.model.visual.blocks)
     for got, want in zip(outs, ref_outs, strict=True):
-        assert _rel_err(got, want) < 2e-2
-    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in ref_grads}
+        assert rel_err(got, want) < 2e-2
+    errors = {name: rel_err(grads[name], ref_grads[name]) for name in ref_grads}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
     batch = {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda"))
-             for k, v in sft_batch(family, media_dir, mixed_data).items()}
-    ref_loss, ref_grads = loss_and_grads(stock, batch)
-    loss, grads = loss_and_grads(patched, batch)
-    assert abs(loss.item() - ref_loss.item()) < 2e-2
-    errors = {name: _rel_err(grads[name], ref_grads[name]) for name in ref_grads}
+             for k, v in sft_batch(family, stock_and_copy(family)[2], media_dir, mixed_data).items()}
+    ref, ref_grads = loss_and_grads(stock, batch)
+    out, grads = loss_and_grads(patched, batch)
+    assert abs(out.loss.item() - ref.loss.item()) < 2e-2
+    errors = {name: rel_err(grads[name], ref_grads[name]) for name in ref_grads}
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-
-
-def _qwen3_vl_4b_vision():
-    """The vision tower of Qwen3-VL-4B (benchmarks/bench_sft.py's preset), random weights, bf16, CUDA."""
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-    spec = importlib.util.spec_from_file_location("bench_sft", REPO / "benchmarks" / "bench_sft.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    config = Qwen3VLVisionConfig(**bench.PRESETS["qwen3_vl_4b"]["vision_config"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        return Qwen3VLVisionModel._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
 
 
 @gpu
@@ -383,7 +302,10 @@ def test_gpu_timing_qwen3_vl_4b_vision_forward_backward():
     16 x 784 patches, 24 segments). The outputs must agree within 2% relative L2 error."""
     if _no_fast_path():
         pytest.skip("neither torch's flash kernels nor torch.nn.attention.varlen.varlen_attn is usable here")
-    stock = _qwen3_vl_4b_vision()
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    stock = preset_vision_tower("qwen3_vl_4b", Qwen3VLVisionConfig, Qwen3VLVisionModel)
     patched = copy.deepcopy(stock)
     (entry,) = patch_vision_varlen(patched.blocks, "blocks", "qwen3_vl")
     config = stock.config
@@ -410,4 +332,4 @@ def test_gpu_timing_qwen3_vl_4b_vision_forward_backward():
     stock_ms, patched_ms = results["stock sdpa"][0], results["vision_varlen"][0]
     print(f"\n{entry}\nQwen3-VL-4B vision fwd+bwd, {pixels.shape[0]} patches in {int(grid[:, 0].sum())} segments: "
           f"stock sdpa {stock_ms:.1f} ms, vision_varlen {patched_ms:.1f} ms ({stock_ms / patched_ms:.2f}x)")
-    assert _rel_err(results["vision_varlen"][1], results["stock sdpa"][1]) < 2e-2
+    assert rel_err(results["vision_varlen"][1], results["stock sdpa"][1]) < 2e-2
