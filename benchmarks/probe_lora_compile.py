@@ -1,0 +1,105 @@
+"""Do LoRA gradients under `compile_layers` equal eager's on the GPU? (#15, round 8: the compiled LoRA runs of
+bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full fine-tuning agreed to 4 digits.)
+
+    python benchmarks/probe_lora_compile.py [model_type ...]
+
+A tiny model in bf16 on CUDA, a padded batch, LoRA r8 (no dropout, B drawn at random so that every adapter
+weight gets a gradient), one
+forward + backward per kernel list; prints the relative L2 error of every LoRA gradient against the eager run
+with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
+with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+sys.path.insert(0, "tests")
+from conftest import stock_and_copy  # noqa: E402
+from vision_helpers import rel_err  # noqa: E402
+
+from vltrain.families import family_spec  # noqa: E402
+from vltrain.kernels import apply_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run (liger's kernels fall back to stock)
+
+
+def batch_for(model_type, processor, tmp):
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vltrain.data.formats import load_conversations
+
+    tmp = Path(tmp)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp / "a.png")
+    Image.new("RGB", (32, 64), (10, 200, 10)).save(tmp / "b.png")
+    records = [{"id": "t", "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                             {"from": "gpt", "value": "a red square, wider than tall"}], "image": "a.png"},
+               {"id": "u", "conversations": [{"from": "human", "value": "<image><image>\nboth?"},
+                                             {"from": "gpt", "value": "two squares"}], "image": ["a.png", "b.png"]}]
+    (tmp / "d.json").write_text(json.dumps(records))
+    from vltrain.data.dataset import PadCollator, SFTDataset
+    from vltrain.data.media import MediaOptions
+    from vltrain.progress import model_inputs
+
+    ds = SFTDataset(load_conversations(str(tmp / "d.json")), processor,
+                    MediaOptions(image_factor=family_spec(model_type).image_factor), max_seq_length=512,
+                    image_folder=str(tmp))
+    batch = model_inputs(PadCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))]))
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+def grads(model, batch, lora: bool, kernels: list[str], gc: bool):
+    torch._dynamo.reset()  # every compiled run compiles its own layers (no recompile limit reached)
+    model = copy.deepcopy(model)
+    if kernels:
+        apply_kernels(model, kernels, strict=False)
+    if lora:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(0)  # the same adapter init in every run
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights="gaussian",
+                                                 target_modules=family_spec(model).llm_lora_regex()))
+        for name, p in model.named_parameters():  # B != 0, so that every adapter weight gets a gradient
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+    if gc:
+        from vltrain.models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(0)
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def main():
+    import tempfile
+
+    for model_type in sys.argv[1:] or ["qwen2_5_vl"]:
+        stock, _, processor = stock_and_copy(model_type, dtype=torch.bfloat16, device=DEVICE)
+        with tempfile.TemporaryDirectory() as tmp:
+            batch = batch_for(model_type, processor, tmp)
+        for lora in (True, False):
+            base = stock
+            runs = ((["all"], False), (["all"], True), (["rms_norm"], False), (["swiglu"], False), ([], False))
+            for kernels, gc in runs if lora else runs[:1]:
+                ref_loss, ref = grads(base, batch, lora, kernels, gc)
+                loss, got = grads(base, batch, lora, kernels + ["compile_layers"], gc)
+                errs = sorted(((rel_err(got[n], ref[n]), n) for n in ref), reverse=True)
+                norms = sum(g.norm() ** 2 for g in got.values()).sqrt().item(), sum(g.norm() ** 2 for g in ref.values()).sqrt().item()
+                print(f"{model_type} {'lora' if lora else 'full'} kernels={kernels}{' GC' if gc else ''}+compile_layers: "
+                      f"grad norm {norms[0]:.4g} vs {norms[1]:.4g}; loss {loss:.6f} vs "
+                      f"{ref_loss:.6f}; worst grad rel err {errs[0][0]:.3g} ({errs[0][1]}), median "
+                      f"{errs[len(errs) // 2][0]:.3g}, {len(errs)} grads", flush=True)
+
+
+if __name__ == "__main__":
+    main()
