@@ -2,6 +2,7 @@
 bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full fine-tuning agreed to 4 digits.)
 
     python benchmarks/probe_lora_compile.py [model_type ...]
+    LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # with adapter dropout: compare the norms
 
 A tiny model in bf16 on CUDA, a padded batch, LoRA r8 (no dropout, B drawn at random so that every adapter
 weight gets a gradient), one
@@ -13,6 +14,7 @@ with and without gradient checkpointing.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -25,6 +27,7 @@ from vision_helpers import rel_err  # noqa: E402
 from vltrain.families import family_spec  # noqa: E402
 from vltrain.kernels import apply_kernels  # noqa: E402
 
+DROPOUT = float(os.environ.get("LORA_DROPOUT", "0"))  # > 0: only the gradient norms are comparable
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run (liger's kernels fall back to stock)
 
 
@@ -64,7 +67,7 @@ def grads(model, batch, lora: bool, kernels: list[str], gc: bool):
         for p in model.parameters():
             p.requires_grad_(False)
         torch.manual_seed(0)  # the same adapter init in every run
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights="gaussian",
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=DROPOUT, init_lora_weights="gaussian",
                                                  target_modules=family_spec(model).llm_lora_regex()))
         for name, p in model.named_parameters():  # B != 0, so that every adapter weight gets a gradient
             if "lora_B" in name:
