@@ -22,7 +22,7 @@ Paths:
             accelerate_configs/single_gpu.yaml (bf16 on a GPU; float32 on CPU, like the other paths there),
             and loops.sft.train itself. Timed from the loop's own per-step `tokens_per_s` in
             <output_dir>/metrics.jsonl (train.log_every=1). See `run_loop` for how the data matches.
-Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.05 on the LLM
+Modes: full (every parameter trains) or lora (peft r64 / alpha 128 / dropout 0.05 (`--lora_dropout`) on the LLM
 linears, everything else frozen). `gc1` turns on non-reentrant gradient checkpointing (`gcN`: every
 N-th layer); suffixes: `c` = + kernels compile_layers (`cx`: compiled, with liger's RMSNorm/SwiGLU
 left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or micro-batch size (hf), e.g.
@@ -30,7 +30,9 @@ left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or m
 `vltrain:full:gc1c@32768`, `hf:full:gc0@1`, `loop:full:gc1@16384`, `vltrain:full:gc1+vision_positions@16384`.
 
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
-(median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM".
+(median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM". Every hf / vltrain run's
+losses are compared step by step with the first run of its mode (`check_losses`): one that differs by more
+than 0.2% gets a WARNING line -- it does not train like the reference (round 8's compiled LoRA runs).
 MFU counts model FLOPs only: 6 x params x tokens for trained linears (4 x for frozen ones under LoRA:
 no weight gradients), attention 6 x 2 x layers x heads x head_dim x sum(len^2)/2 (causal) in the LLM
 and the same without the causal half in the vision tower; recomputation under checkpointing is not
@@ -282,7 +284,7 @@ def kernel_list(model, compile_layers: str, extra_kernels=()) -> list[str]:
     return kernels + plus + (["compile_layers"] if compile_layers else [])
 
 
-def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=()):
+def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=(), lora_dropout: float = 0.05):
     from vltrain.families import family_spec
 
     if path == "vltrain":
@@ -298,7 +300,7 @@ def prepare_model(model, path, mode, gc_every, compile_layers="", extra_kernels=
         for p in model.parameters():
             p.requires_grad_(False)
         spec = family_spec(model)
-        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=lora_dropout,
                                                  target_modules=spec.llm_lora_regex()))
     if gc_every:
         from vltrain.models import enable_gradient_checkpointing
@@ -520,7 +522,7 @@ def loop_config(workdir: Path, data_path: Path, args, *, mode: str, gc_every: in
                  "num_workers": args.num_workers, "nframes": 8},
         # LoRA as prepare_model's: r64 / alpha 128 / dropout 0.05 on the LLM, everything else frozen
         "trainable": {"freeze_llm": lora, "freeze_vision_tower": lora, "freeze_merger": lora},
-        "lora": {"enabled": lora},
+        "lora": {"enabled": lora, **({"dropout": args.lora_dropout} if lora else {})},
         "optim": {"lr": 1e-5, "warmup_steps": 0, "scheduler": "constant"},
         "train": {"output_dir": str(workdir / "out"), "report_to": "none", "max_steps": args.warmup + args.steps,
                   "log_every": 1, "seed": 0},
@@ -757,7 +759,7 @@ def run_one(spec: str, args, device, ceiling) -> dict:
         model = build_model(args.preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         examples = synthetic_examples(model.config, args.num_samples, seed=0, long_tokens=args.long_tokens)
         flops = model_flops(model, examples, lora=mode == "lora")
-        model = prepare_model(model, path, mode, gc_every, compile_layers, extra)
+        model = prepare_model(model, path, mode, gc_every, compile_layers, extra, lora_dropout=args.lora_dropout)
         model.train()
         batches = micro_batches(path, examples, model, args, budget)
         real = sum(len(e["input_ids"]) for e in examples)
@@ -837,6 +839,9 @@ def main():
     ap.add_argument("--workdir", default=None,
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
                          "(default: a temporary folder, deleted)")
+    ap.add_argument("--lora_dropout", type=float, default=0.05,
+                    help="the adapters' dropout in lora runs, every path (vltrain refuses compile_layers with dropout > 0: "
+                         "benchmarks/RESULTS.md round 8)")
     ap.add_argument("--loop_mixed_precision", choices=["no", "bf16"], default=None,
                     help="loop: accelerate's mixed precision (default: accelerate_configs/single_gpu.yaml's, bf16); "
                          "'no' = the bf16 model without autocast, as the vltrain path runs")
@@ -878,8 +883,36 @@ def main():
                   flush=True)
         else:
             print(f"{args.preset:<14} {spec:<22} {r['error']} (peak {r['peak_gib']:.1f} GiB)", flush=True)
+        for line in check_losses(results):
+            if line.startswith(f"WARNING {spec}:"):
+                print(line, flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+LOSS_TOLERANCE = 2e-3  # relative; bf16 full fine-tuning agrees with HF to ~2e-4 over the benchmark's steps
+
+
+def check_losses(results: list[dict], tolerance: float = LOSS_TOLERANCE) -> list[str]:
+    """Every hand-step run (hf / vltrain) against the first successful one of the same mode (full / lora): its
+    largest relative loss difference over the steps they share goes to `loss_rel_diff` (and the run it was compared
+    with to `loss_reference`); one warning line for each run beyond `tolerance` -- it does not train like the
+    reference, so its speed is not a like-for-like figure. The loop path's data differ (write_llava_data): skipped."""
+    warnings, reference = [], {}
+    for r in results:
+        if not r.get("ok") or r["path"] == "loop" or not r.get("losses"):
+            continue
+        ref = reference.setdefault(r["mode"], r)
+        if ref is r:
+            continue
+        pairs = list(zip(r["losses"], ref["losses"]))
+        r["loss_reference"] = ref["run"]
+        r["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs)
+        if r["loss_rel_diff"] > tolerance:
+            warnings.append(f"WARNING {r['run']}: losses {[round(v, 4) for v in r['losses']]} differ from "
+                            f"{ref['run']}'s {[round(v, 4) for v in ref['losses']]} by up to {r['loss_rel_diff']:.2%}: "
+                            "it does not train like the reference, its speed is not a like-for-like figure")
+    return warnings
 
 
 if __name__ == "__main__":

@@ -25,6 +25,32 @@ def test_bench_sft_paths_agree_on_a_tiny_preset(tmp_path):
     small = runs[2]  # checkpointing, a smaller per-run token budget: more micro-batches, same loss
     assert small["ok"] and small["token_budget"] == 512 and small["micro_batches"] > vltrain["micro_batches"]
     assert small["losses"][0] == pytest.approx(vltrain["losses"][0], rel=1e-4)
+    assert hf["loss_reference"] == vltrain["run"] and hf["loss_rel_diff"] < 1e-4  # the agreement check ran
+    assert "WARNING" not in proc.stdout
+
+
+def test_check_losses_flags_a_run_that_does_not_train_like_the_first_of_its_mode():
+    """Round 8's compiled LoRA runs: the first loss agreed, the later ones fell ~2% below HF's. The check
+    compares every step, per mode, and skips the loop path (other data) and failed runs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_sft import check_losses
+
+    def run(spec, losses, ok=True):
+        path, mode, _ = spec.split(":")
+        return {"run": spec, "path": path, "mode": mode, "ok": ok, "losses": losses}
+
+    hf_lora, eager, compiled = (run("hf:lora:gc1@4", [12.679, 12.676, 12.665, 12.647]),
+                                run("vltrain:lora:gc1@32768", [12.677, 12.673, 12.664, 12.646]),
+                                run("vltrain:lora:gc1c@32768", [12.677, 12.519, 12.460, 12.401]))
+    hf_full, full = run("hf:full:gc1@4", [12.445, 11.961, 11.537]), run("vltrain:full:gc1c", [12.445, 11.961, 11.535])
+    loop, failed = run("loop:lora:gc1", [9.0, 8.0]), run("vltrain:lora:gc2", [], ok=False)
+    warnings = check_losses([hf_lora, hf_full, eager, loop, failed, compiled, full])
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING vltrain:lora:gc1c@32768: ")
+    assert "hf:lora:gc1@4" in warnings[0] and "by up to 1.95%" in warnings[0]  # 12.401 vs 12.647
+    assert compiled["loss_rel_diff"] == pytest.approx(0.246 / 12.647, rel=1e-3)
+    assert eager["loss_reference"] == "hf:lora:gc1@4" and eager["loss_rel_diff"] < 5e-4
+    assert full["loss_reference"] == "hf:full:gc1@4" and full["loss_rel_diff"] < 2e-4
+    assert "loss_reference" not in loop and "loss_reference" not in failed and "loss_reference" not in hf_lora
 
 
 LOOP_FIELDS = ("ok", "step_s", "real_tokens", "padded_tokens", "micro_batches", "tokens_per_s", "tflops", "mfu",
