@@ -25,7 +25,7 @@ from vltrain.kernels.visual_merge import DEEPSTACK, MERGED_MODELS, patch_visual_
 
 from conftest import stock_and_copy
 from test_dpo import _collate, _dataset, pair_data  # noqa: F401 (pair_data: a fixture)
-from test_vision_positions import _cuda_syncs, _rel_err, loss_and_grads, sft_batch
+from vision_helpers import cuda_syncs, loss_and_grads, rel_err, sft_batch
 
 FAMILY_NAMES = sorted(FAMILIES)
 gpu = pytest.mark.gpu
@@ -50,9 +50,9 @@ def packed_batch(model_type, processor, media_dir, mixed_data):
 
 
 def assert_same_loss_and_grads(stock, patched, batch):
-    ref_loss, ref_grads = loss_and_grads(stock, batch)
-    loss, grads = loss_and_grads(patched, batch)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    ref, ref_grads = loss_and_grads(stock, batch)
+    out, grads = loss_and_grads(patched, batch)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert grads.keys() == ref_grads.keys() and len(grads) > 20
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -284,11 +284,11 @@ def test_gpu_bf16_matches_stock_and_the_merge_makes_no_sync(family, media_dir, m
     for key in ("pixel_values", "pixel_values_videos"):
         batch[key] = batch[key].to(torch.bfloat16)
     enable_packed_attention(stock), enable_packed_attention(patched)
-    ref_loss, ref_grads = loss_and_grads(stock, batch)
-    loss, grads = loss_and_grads(patched, batch)
+    (ref, ref_grads), (out, grads) = loss_and_grads(stock, batch), loss_and_grads(patched, batch)
+    ref_loss, loss = ref.loss, out.loss
     print(f"\n{family}: bf16 loss, stock merge {float(ref_loss):.6f}, visual_merge {float(loss):.6f}")
     assert abs(float(loss) - float(ref_loss)) <= 5e-3 * abs(float(ref_loss)), (float(loss), float(ref_loss))
-    errors = {name: _rel_err(grad, ref_grads[name]) for name, grad in grads.items()}
+    errors = {name: rel_err(grad, ref_grads[name]) for name, grad in grads.items()}
     assert grads.keys() == ref_grads.keys() and max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     syncs = {}
     for name, model in (("stock", stock), ("patched", patched)):
@@ -296,6 +296,6 @@ def test_gpu_bf16_matches_stock_and_the_merge_makes_no_sync(family, media_dir, m
             model.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
         step()
-        syncs[name] = _cuda_syncs(step)
+        syncs[name] = cuda_syncs(step)
     print(f"\n{family}: CUDA syncs per forward+backward, stock merge {syncs['stock']}, visual_merge {syncs['patched']}")
     assert syncs["patched"] < syncs["stock"]
