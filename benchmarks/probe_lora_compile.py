@@ -4,9 +4,8 @@ bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full 
     python benchmarks/probe_lora_compile.py [model_type ...]
     LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # with adapter dropout: compare the norms
 
-A tiny model in bf16 on CUDA, a padded batch, LoRA r8 (no dropout, B drawn at random so that every adapter
-weight gets a gradient), one
-forward + backward per kernel list; prints the relative L2 error of every LoRA gradient against the eager run
+A tiny model in bf16 on CUDA, the vision tests' mixed SFT batch (padded), LoRA r8 (no dropout, B drawn at random
+so that every adapter weight gets a gradient), one forward + backward per kernel list; prints the relative L2 error of every LoRA gradient against the eager run
 with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
 with and without gradient checkpointing.
 """
@@ -22,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, "tests")
 from conftest import stock_and_copy  # noqa: E402
-from vision_helpers import rel_err  # noqa: E402
+from vision_helpers import rel_err, sft_batch  # noqa: E402
 
 from vltrain.families import family_spec  # noqa: E402
 from vltrain.kernels import apply_kernels  # noqa: E402
@@ -32,29 +31,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run (lig
 
 
 def batch_for(model_type, processor, tmp):
+    """The vision tests' mixed SFT batch (text, one image, two images of different sizes, a video), padded."""
     import json
     from pathlib import Path
 
-    from PIL import Image
+    from conftest import mixed_records, write_image, write_video
 
-    from vltrain.data.formats import load_conversations
-
-    tmp = Path(tmp)
-    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp / "a.png")
-    Image.new("RGB", (32, 64), (10, 200, 10)).save(tmp / "b.png")
-    records = [{"id": "t", "conversations": [{"from": "human", "value": "<image>\nwhat?"},
-                                             {"from": "gpt", "value": "a red square, wider than tall"}], "image": "a.png"},
-               {"id": "u", "conversations": [{"from": "human", "value": "<image><image>\nboth?"},
-                                             {"from": "gpt", "value": "two squares"}], "image": ["a.png", "b.png"]}]
-    (tmp / "d.json").write_text(json.dumps(records))
-    from vltrain.data.dataset import PadCollator, SFTDataset
-    from vltrain.data.media import MediaOptions
-    from vltrain.progress import model_inputs
-
-    ds = SFTDataset(load_conversations(str(tmp / "d.json")), processor,
-                    MediaOptions(image_factor=family_spec(model_type).image_factor), max_seq_length=512,
-                    image_folder=str(tmp))
-    batch = model_inputs(PadCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))]))
+    media_dir = Path(tmp)
+    write_image(media_dir / "a.png", (64, 64), seed=1)
+    write_image(media_dir / "b.png", (96, 64), seed=2)
+    write_video(media_dir / "clip.mp4")
+    (media_dir / "train.json").write_text(json.dumps(mixed_records()))
+    batch = sft_batch(model_type, processor, media_dir, media_dir / "train.json")
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
@@ -91,11 +79,10 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             batch = batch_for(model_type, processor, tmp)
         for lora in (True, False):
-            base = stock
             runs = ((["all"], False), (["all"], True), (["rms_norm"], False), (["swiglu"], False), ([], False))
             for kernels, gc in runs if lora else runs[:1]:
-                ref_loss, ref = grads(base, batch, lora, kernels, gc)
-                loss, got = grads(base, batch, lora, kernels + ["compile_layers"], gc)
+                ref_loss, ref = grads(stock, batch, lora, kernels, gc)
+                loss, got = grads(stock, batch, lora, kernels + ["compile_layers"], gc)
                 errs = sorted(((rel_err(got[n], ref[n]), n) for n in ref), reverse=True)
                 norms = sum(g.norm() ** 2 for g in got.values()).sqrt().item(), sum(g.norm() ** 2 for g in ref.values()).sqrt().item()
                 print(f"{model_type} {'lora' if lora else 'full'} kernels={kernels}{' GC' if gc else ''}+compile_layers: "
