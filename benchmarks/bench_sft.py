@@ -855,7 +855,14 @@ def main():
     ap.add_argument("--two_tower_calls", action="store_true",
                     help="visual_merge runs the vision tower once per modality (images, then videos), as before "
                          "round 7, instead of once over both: the A/B of round 7")
+    ap.add_argument("--fallback_random", action="store_true",
+                    help="torch._inductor.config.fallback_random: compiled code draws its random numbers (dropout) with "
+                         "aten's ops instead of inductor's own -- the A/B for compiled LoRA with dropout (round 9)")
     args = ap.parse_args()
+    if args.fallback_random:
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     if args.two_tower_calls:
         from vltrain.kernels import visual_merge
 

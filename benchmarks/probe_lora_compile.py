@@ -3,11 +3,17 @@ bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full 
 
     python benchmarks/probe_lora_compile.py [model_type ...]
     LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # with adapter dropout: compare the norms
+    PROBE=train LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # loss curves, below
 
 A tiny model in bf16 on CUDA, the vision tests' mixed SFT batch (padded), LoRA r8 (no dropout, B drawn at random
 so that every adapter weight gets a gradient), one forward + backward per kernel list; prints the relative L2 error of every LoRA gradient against the eager run
 with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
 with and without gradient checkpointing.
+
+PROBE=train: the bench's recipe instead (adapters from peft's default init, B = 0; AdamW), STEPS steps at LR on
+the one batch, and the loss curves of eager (twice, with different dropout seeds: the noise floor), compiled,
+compiled with inductor's `fallback_random` (aten's random ops instead of inductor's own), and compiled with
+checkpointing: does the compiled run learn faster than eager, as bench_sft's 7B runs did?
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from vltrain.families import family_spec  # noqa: E402
 from vltrain.kernels import apply_kernels  # noqa: E402
 
 DROPOUT = float(os.environ.get("LORA_DROPOUT", "0"))  # > 0: only the gradient norms are comparable
+STEPS, LR = int(os.environ.get("STEPS", "8")), float(os.environ.get("LR", "1e-3"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run (liger's kernels fall back to stock)
 
 
@@ -48,27 +55,78 @@ def batch_for(model_type, processor, tmp):
 
 def grads(model, batch, lora: bool, kernels: list[str], gc: bool):
     torch._dynamo.reset()  # every compiled run compiles its own layers (no recompile limit reached)
+    if lora:
+        model = lora_model(model, kernels, gc, b_random=True)
+    else:
+        model = copy.deepcopy(model)
+        if kernels:
+            apply_kernels(model, kernels, strict=False)
+        if gc:
+            from vltrain.models import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+    torch.manual_seed(0)
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lora_model(model, kernels: list[str], gc: bool, b_random: bool):
     model = copy.deepcopy(model)
     if kernels:
         apply_kernels(model, kernels, strict=False)
-    if lora:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(0)  # the same adapter init in every run
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=DROPOUT, init_lora_weights="gaussian",
-                                                 target_modules=family_spec(model).llm_lora_regex()))
-        for name, p in model.named_parameters():  # B != 0, so that every adapter weight gets a gradient
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)  # the same adapter init in every run
+    init = "gaussian" if b_random else True
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=DROPOUT, init_lora_weights=init,
+                                             target_modules=family_spec(model).llm_lora_regex()))
+    if b_random:  # B != 0, so that every adapter weight gets a gradient
+        for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.02)
     if gc:
         from vltrain.models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    torch.manual_seed(0)
+    return model
+
+
+def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fallback_random: bool = False) -> list[float]:
+    """STEPS AdamW steps of LoRA on `batch`; the loss before each."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    inductor_config.fallback_random = fallback_random
+    model = lora_model(model, kernels, gc, b_random=False)
     model.train()
-    out = model(**batch)
-    out.loss.backward()
-    return out.loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    losses = []
+    for step in range(STEPS):
+        torch.manual_seed(seed + step)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    inductor_config.fallback_random = False
+    return losses
+
+
+def train_curves(model_type, stock, batch):
+    runs = {"eager": dict(kernels=["all"], gc=False), "eager, other seed": dict(kernels=["all"], gc=False, seed=1000),
+            "compiled": dict(kernels=["all", "compile_layers"], gc=False),
+            "compiled, fallback_random": dict(kernels=["all", "compile_layers"], gc=False, fallback_random=True),
+            "compiled + GC": dict(kernels=["all", "compile_layers"], gc=True),
+            "eager + GC": dict(kernels=["all"], gc=True)}
+    base = None
+    for name, kw in runs.items():
+        losses = curve(stock, batch, **kw)
+        base = base or losses
+        drop = (losses[0] - losses[-1]) / max(base[0] - base[-1], 1e-12)
+        print(f"{model_type} lora dropout={DROPOUT} lr={LR} {name:26s}: loss drop {drop:.3f}x eager's; "
+              + " ".join(f"{x:.5f}" for x in losses), flush=True)
 
 
 def main():
@@ -78,6 +136,9 @@ def main():
         stock, _, processor = stock_and_copy(model_type, dtype=torch.bfloat16, device=DEVICE)
         with tempfile.TemporaryDirectory() as tmp:
             batch = batch_for(model_type, processor, tmp)
+        if os.environ.get("PROBE") == "train":
+            train_curves(model_type, stock, batch)
+            continue
         for lora in (True, False):
             runs = ((["all"], False), (["all"], True), (["rms_norm"], False), (["swiglu"], False), ([], False))
             for kernels, gc in runs if lora else runs[:1]:
