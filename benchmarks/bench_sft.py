@@ -855,14 +855,14 @@ def main():
     ap.add_argument("--two_tower_calls", action="store_true",
                     help="visual_merge runs the vision tower once per modality (images, then videos), as before "
                          "round 7, instead of once over both: the A/B of round 7")
-    ap.add_argument("--fallback_random", action="store_true",
-                    help="torch._inductor.config.fallback_random: compiled code draws its random numbers (dropout) with "
-                         "aten's ops instead of inductor's own -- the A/B for compiled LoRA with dropout (round 9)")
+    ap.add_argument("--fused_casts", action="store_true",
+                    help="compiled layers without vltrain's emulate_precision_casts: inductor drops the round-to-bf16 "
+                         "between fused ops, as before round 9 (compiled LoRA then trains differently from eager)")
     args = ap.parse_args()
-    if args.fallback_random:
-        import torch._inductor.config
+    if args.fused_casts:
+        import vltrain.kernels.compile_layers
 
-        torch._inductor.config.fallback_random = True
+        vltrain.kernels.compile_layers.EAGER_NUMERICS = {}
     if args.two_tower_calls:
         from vltrain.kernels import visual_merge
 

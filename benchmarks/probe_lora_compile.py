@@ -12,8 +12,8 @@ with and without gradient checkpointing.
 
 PROBE=train: the bench's recipe instead (adapters from peft's default init, B = 0; AdamW), STEPS steps at LR on
 the one batch, and the loss curves of eager (twice, with different dropout seeds: the noise floor), compiled,
-compiled with inductor's `fallback_random` (aten's random ops instead of inductor's own), and compiled with
-checkpointing: does the compiled run learn faster than eager, as bench_sft's 7B runs did?
+compiled without eager's bf16 rounding between fused ops (inductor's default, vltrain's before round 9), and
+compiled with checkpointing: does the compiled run learn faster than eager, as bench_sft's 7B runs did at lr 1e-5?
 """
 
 from __future__ import annotations
@@ -93,12 +93,14 @@ def lora_model(model, kernels: list[str], gc: bool, b_random: bool):
     return model
 
 
-def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fallback_random: bool = False) -> list[float]:
+def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fused_casts: bool = False) -> list[float]:
     """STEPS AdamW steps of LoRA on `batch`; the loss before each."""
-    import torch._inductor.config as inductor_config
+    import vltrain.kernels.compile_layers as compile_layers
 
     torch._dynamo.reset()
-    inductor_config.fallback_random = fallback_random
+    numerics = compile_layers.EAGER_NUMERICS
+    if fused_casts:
+        compile_layers.EAGER_NUMERICS = {}
     model = lora_model(model, kernels, gc, b_random=False)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -110,14 +112,14 @@ def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fallback_ra
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    inductor_config.fallback_random = False
+    compile_layers.EAGER_NUMERICS = numerics
     return losses
 
 
 def train_curves(model_type, stock, batch):
     runs = {"eager": dict(kernels=["all"], gc=False), "eager, other seed": dict(kernels=["all"], gc=False, seed=1000),
             "compiled": dict(kernels=["all", "compile_layers"], gc=False),
-            "compiled, fallback_random": dict(kernels=["all", "compile_layers"], gc=False, fallback_random=True),
+            "compiled, fused casts": dict(kernels=["all", "compile_layers"], gc=False, fused_casts=True),
             "compiled + GC": dict(kernels=["all", "compile_layers"], gc=True),
             "eager + GC": dict(kernels=["all"], gc=True)}
     base = None

@@ -21,6 +21,12 @@ varlen vision attention between the matmuls runs eager there, the norms, rotary 
 activations around it are fused. For families whose step is bound by launching the tower's many small
 kernels (Qwen2-VL, Qwen3-VL: benchmarks/RESULTS.md).
 
+Eager's bf16 numerics are kept (inductor's `emulate_precision_casts`): by default inductor drops the
+round-to-bf16 between two ops it fuses. That is closer to exact arithmetic, but it trains differently from
+the eager model: a LoRA layer's bf16 output `base(x) + scaling * B(A(x))` keeps, fused, the adapter's
+contribution that eager rounds away while it is small (B starts at zero), so compiled LoRA learned several
+times faster per step than the eager and HF runs at lr 1e-5 (benchmarks/RESULTS.md, round 9).
+
 Costs: the first steps compile (about a minute on a GPU). Not part of "all": ask for it by name
 (`model.kernels=[all,compile_layers]`). The SFT recipe refuses it with sharded parameters (FSDP,
 ZeRO-3), where it has not been tested.
@@ -34,6 +40,10 @@ import types
 import torch
 
 from vltrain.families import family_spec, get_module
+
+
+# inductor keeps eager's round-to-bf16 between fused ops (the module docstring says why)
+EAGER_NUMERICS = {"emulate_precision_casts": True}
 
 
 def _stock_forward(layer):
@@ -70,7 +80,7 @@ def _compile_each(base, path: str, what: str) -> str:
         if getattr(layer.__dict__.get("forward"), "__func__", None) is _compiled_layer_forward:
             continue
         stock = types.MethodType(_stock_forward(layer), layer)
-        layer._vltrain_compiled = torch.compile(stock, dynamic=True)
+        layer._vltrain_compiled = torch.compile(stock, dynamic=True, options=EAGER_NUMERICS)
         layer.forward = types.MethodType(_compiled_layer_forward, layer)  # deepcopy rebinds it
     kernel = "compile_layers" if what == "layers" else "compile_vision"
-    return f"{kernel}: {path}.*.forward ({len(layers)} {what}) torch.compile'd, dynamic shapes"
+    return f"{kernel}: {path}.*.forward ({len(layers)} {what}) torch.compile'd, dynamic shapes, eager's bf16 rounding"
