@@ -32,7 +32,8 @@ left out; vltrain and loop), `@T` = this run's token budget (vltrain, loop) or m
 Reported per run: real (non-pad) tokens/s, MFU against the bf16 matmul ceiling measured in this run
 (median of 8192^3 matmuls), peak memory (torch.cuda.max_memory_allocated), or "OOM". Every hf / vltrain run's
 losses are compared step by step with the first run of its mode (`check_losses`): one that differs by more
-than 0.2% gets a WARNING line -- it does not train like the reference (round 8's compiled LoRA runs).
+than 0.2% gets a WARNING line -- it does not train like the reference (round 8's compiled LoRA runs, before
+compile_layers kept eager's bf16 rounding: RESULTS.md round 9).
 MFU counts model FLOPs only: 6 x params x tokens for trained linears (4 x for frozen ones under LoRA:
 no weight gradients), attention 6 x 2 x layers x heads x head_dim x sum(len^2)/2 (causal) in the LLM
 and the same without the causal half in the vision tower; recomputation under checkpointing is not
@@ -840,8 +841,7 @@ def main():
                     help="loop: keep its model, data, config.yaml and out/metrics.jsonl under WORKDIR/<run spec> "
                          "(default: a temporary folder, deleted)")
     ap.add_argument("--lora_dropout", type=float, default=0.05,
-                    help="the adapters' dropout in lora runs, every path (vltrain refuses compile_layers with dropout > 0: "
-                         "benchmarks/RESULTS.md round 8)")
+                    help="the adapters' dropout in lora runs, every path")
     ap.add_argument("--loop_mixed_precision", choices=["no", "bf16"], default=None,
                     help="loop: accelerate's mixed precision (default: accelerate_configs/single_gpu.yaml's, bf16); "
                          "'no' = the bf16 model without autocast, as the vltrain path runs")

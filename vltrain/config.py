@@ -338,13 +338,6 @@ class SFTConfig:
             section.validate()
         self.lora.validate(self.trainable)
         trainable, lora = self.trainable, self.lora
-        if lora.enabled and lora.dropout > 0 and "compile_layers" in self.model.kernels:
-            # bench_sft.py on an H200: compiled LoRA runs with adapter dropout 0.05 learned ~40x faster per step than
-            # eager vltrain and HF, whose losses agree; with dropout 0 the compiled gradients equal eager's
-            # (benchmarks/RESULTS.md, round 8). Refused until a GPU test shows the two train alike.
-            raise ValueError(f"model.kernels compile_layers with lora.dropout={lora.dropout}: compiled LoRA layers with "
-                             "adapter dropout trained differently from eager ones on a GPU (benchmarks/RESULTS.md, "
-                             "round 8); set lora.dropout=0 or drop compile_layers from model.kernels")
         all_frozen = trainable.freeze_vision_tower and trainable.freeze_merger and trainable.freeze_llm
         unfrozen = trainable.unfreeze_topk_llm or trainable.unfreeze_topk_vision
         if all_frozen and not unfrozen and not lora.enabled and not hasattr(self, "cls"):  # a classifier: its head
