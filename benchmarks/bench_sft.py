@@ -749,7 +749,8 @@ def run_one(spec: str, args, device, ceiling) -> dict:
     else:
         result["token_budget"] = budget or args.token_budget
     torch.manual_seed(0)
-    model = None
+    torch._dynamo.reset()  # each compiled run compiles its own layers: no earlier run's cache entries count
+    model = None            # toward dynamo's recompile limit (past it, later rows would run eager unnoticed)
     try:
         if path == "loop":
             with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
