@@ -1,13 +1,15 @@
 """Do LoRA gradients under `compile_layers` equal eager's on the GPU? (#15, round 8: the compiled LoRA runs of
-bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full fine-tuning agreed to 4 digits.)
+bench_sft.py learned ~40x faster per step than HF and eager vltrain, while full fine-tuning agreed to 4 digits.
+Round 9 found why: inductor's fused kernels kept the small adapter contribution that eager rounds away in bf16;
+compile_layers now emulates eager's casts. RESULTS.md round 9.)
 
     python benchmarks/probe_lora_compile.py [model_type ...]
     LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # with adapter dropout: compare the norms
     PROBE=train LORA_DROPOUT=0.05 python benchmarks/probe_lora_compile.py   # loss curves, below
 
 A tiny model in bf16 on CUDA, the vision tests' mixed SFT batch (padded), LoRA r8 (no dropout, B drawn at random
-so that every adapter weight gets a gradient), one forward + backward per kernel list; prints the relative L2 error of every LoRA gradient against the eager run
-with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
+so that every adapter weight gets a gradient), one forward + backward per kernel list; prints the relative L2
+error of every LoRA gradient against the eager run with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
 with and without gradient checkpointing.
 
 PROBE=train: the bench's recipe instead (adapters from peft's default init, B = 0; AdamW), STEPS steps at LR on
