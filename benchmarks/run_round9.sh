@@ -9,6 +9,7 @@
 #   bash benchmarks/run_round9.sh r3b       # Qwen2.5-VL-3B again with eager's rounding in the compiled code: full FT with
 #                                           # compile_vision (round 7's 47.0% MFU), LoRA HF-default vs compile_layers
 #   bash benchmarks/run_round9.sh r3bfull   # only the full FT run of r3b (round 7's 47.0% MFU)
+#   bash benchmarks/run_round9.sh q3c       # Qwen3-VL-4B full FT, round 8's gc1c+compile_vision@32768 again (no HF row)
 #   bash benchmarks/run_round9.sh gputests  # the compile_layers / compile_vision GPU tests (eager bf16 rounding)
 set -u
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -28,6 +29,8 @@ r3b) timeout 250 python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_sampl
        --out "$OUT/r9_3b.json" 2>&1 | show ;;
 r3bfull) timeout 150 python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16 --preset qwen2_5_vl_3b \
            --runs vltrain:full:gc1+compile_vision@16384 --out "$OUT/r9_3b_full.json" 2>&1 | show ;;
+q3c) timeout 150 python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16 --preset qwen3_vl_4b \
+       --runs vltrain:full:gc1c+compile_vision@32768 --out "$OUT/r9_q3_compiled.json" 2>&1 | show ;;
 gputests) timeout 200 python -m pytest -q -s -m gpu tests/test_compile_layers.py -p no:cacheprovider > "$OUT/r9_gputests.log" 2>&1
           grep -E "passed|failed|FAILED|Error|\{'eager'" "$OUT/r9_gputests.log" | tail -20 ;;
 *) echo "unknown stage $stage"; exit 2 ;;
