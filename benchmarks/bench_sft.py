@@ -47,7 +47,6 @@ import copy
 import faulthandler
 import gc
 import json
-import math
 import random
 import re
 import signal
@@ -158,7 +157,7 @@ def synthetic_examples(config, num_samples: int, seed: int, long_tokens: int = 0
             n_text = rng.randint(50, 2000)
             media = ["video"] if i == 3 else [] if i % 5 == 4 else ["image"] * (2 if i % 4 == 1 else 1)
         prompt_len = max(10, int(n_text * 0.8))
-        ids, types, lab = [text(prompt_len // 2)], [torch.zeros(prompt_len // 2, dtype=torch.long)], []
+        ids, types = [text(prompt_len // 2)], [torch.zeros(prompt_len // 2, dtype=torch.long)]
         ex = {}
         pix, grids = [], []
         for kind in media:
@@ -219,7 +218,6 @@ def model_flops(model, examples, lora: bool) -> float:
     n_full = sum(t == "full_attention" for t in layer_types)
     sq = sum(len(e["input_ids"]) ** 2 for e in examples)
     flops += 6 * 2 * n_full * tc.num_attention_heads * head_dim * sq / 2
-    v_heads = vc.num_heads
     v_dim = (getattr(vc, "hidden_size", None) if cfg.model_type != "qwen2_vl" else vc.embed_dim)
     v_sq = 0
     for e in examples:

@@ -8,11 +8,8 @@
 #   bash benchmarks/run_round3.sh q2      # Qwen2-VL-2B: full / LoRA x GC on / off, both paths (+ compile_layers)
 #   bash benchmarks/run_round3.sh q35     # Qwen3.5-4B: the same (before the linear-attention fix)
 #   bash benchmarks/run_round3.sh q35b    # Qwen3.5-4B after it (padded batches per layer, cache off)
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 2"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror"; }
 case "${1:-3b}" in
 3b) timeout 420 $B --preset qwen2_5_vl_3b --out "$OUT/r3_3b_compile.json" --runs \
       hf:full:gc1@4,vltrain:full:gc1@32768,vltrain:full:gc1c@32768,vltrain:full:gc1cx@32768 2>&1 | show ;;

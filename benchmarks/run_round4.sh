@@ -9,11 +9,9 @@
 #   bash benchmarks/run_round4.sh todo     # the cells not timed yet (device budget): 7B full FT, LoRA GC off
 #                                          # for 3B and Qwen3-VL-4B, and the 3B profile after the aligned MLP
 #   bash benchmarks/run_round4.sh q35_fla  # Qwen3.5-4B with flash-linear-attention installed (both paths use it)
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='^ +[0-9]+ '
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 2"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^ +[0-9]+ "; }
 for stage in "$@"; do case "$stage" in
 sync) timeout 120 python benchmarks/bench_sft.py --steps 1 --preset qwen2_5_vl_3b --runs vltrain:full:gc1@32768 \
       --sync_report "$OUT/sync_3b_32k.txt" --out "$OUT/r4_sync.json" 2>&1 | show ;;

@@ -7,12 +7,10 @@
 # $TMPDIR and deletes it afterwards.
 #   bash benchmarks/run_round5.sh loop3b   # Qwen2.5-VL-3B full FT, GC on: hf@4, vltrain@16384, loop@16384
 #   bash benchmarks/run_round5.sh loopq3   # Qwen3-VL-4B, the same three runs
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='^kernels|^token budget|^steps:'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
 RUNS=hf:full:gc1@4,vltrain:full:gc1@16384,loop:full:gc1@16384
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^kernels|^token budget|^steps:"; }
 for stage in "$@"; do case "$stage" in
 loop3b) timeout 270 $B --preset qwen2_5_vl_3b --runs $RUNS --out "$OUT/r5_loop_3b.json" 2>&1 | show ;;
 loopq3) timeout 270 $B --preset qwen3_vl_4b --runs $RUNS --out "$OUT/r5_loop_q3_4b.json" 2>&1 | show ;;

@@ -12,11 +12,9 @@
 #                                          # Qwen2-VL-2B full FT, same process: #15's ratio targets
 # Measured 2026-12-02 (session 6): hang (fixed), data, profq3, vpos (qwen3_vl_4b only), fp8, gputests
 # (vision_positions; float8's revised GPU test not re-run). Not yet run: profq2, prof7l, vpos for 3B, ratios.
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 # watch SECONDS LOG CMD...: run CMD; if it is still running after SECONDS, print every thread's stack of it and of
 # its children (faulthandler on SIGUSR1, bench_sft.py registers it; py-spy when installed), then kill it.
 watch() {

@@ -10,11 +10,9 @@
 #   bash benchmarks/run_round6.sh profq2    # one profiled step + the sync report, Qwen2-VL-2B full FT, GC on
 #   bash benchmarks/run_round6.sh profq3    # the same for Qwen3-VL-4B (all kernels, visual_merge included)
 #   bash benchmarks/run_round6.sh prof7l    # one profiled step, Qwen2.5-VL-7B LoRA with compile_layers
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|^loop:|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
 probe) timeout 60 python benchmarks/probe_merge_syncs.py 2>&1 | grep -v Warn | tail -8 ;;
 gputests) timeout 300 python -m pytest -q -m gpu tests/test_visual_merge.py tests/test_float8.py tests/test_packing.py \

@@ -6,11 +6,9 @@
 #   bash benchmarks/run_round7.sh loopprof  # the same loop: one step cycle under torch.profiler, the next under the
 #                                           # sync debug mode (files prof_loop_3b.loop.txt, sync_loop_3b.loop.txt)
 #   bash benchmarks/run_round7.sh cv PRESET # HF-default vs vltrain without / with compile_vision, same process
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='split|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|split|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
 gputests) timeout 420 python -m pytest -q -m gpu tests/test_visual_merge.py tests/test_compile_layers.py \
             -p no:cacheprovider > "$OUT/gputests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/gputests.log" | tail -20 ;;

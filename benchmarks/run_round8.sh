@@ -8,11 +8,9 @@
 #                                           # every layer checkpointed, every 2nd layer at 10,240 tokens
 #   bash benchmarks/run_round8.sh loopmp    # Qwen2.5-VL-3B: the hand-written step and loops.sft.train without autocast
 #                                           # (the bf16 model as the hand-written step runs it), same process
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='split|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|split|GPU busy|^  [a-z]|syncs|^ +[0-9]+  /"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
 gputests) timeout 300 python -m pytest -q -m gpu tests/test_vision_varlen.py tests/test_vision_positions.py tests/test_kernels.py tests/test_packing.py tests/test_bench.py \
             -p no:cacheprovider > "$OUT/gputests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/gputests.log" | tail -20 ;;

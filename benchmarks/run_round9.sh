@@ -11,11 +11,9 @@
 #   bash benchmarks/run_round9.sh r3bfull   # only the full FT run of r3b (round 7's 47.0% MFU)
 #   bash benchmarks/run_round9.sh q3c       # Qwen3-VL-4B full FT, round 8's gc1c+compile_vision@32768 again (no HF row)
 #   bash benchmarks/run_round9.sh gputests  # the compile_layers / compile_vision GPU tests (eager bf16 rounding)
-set -u
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+SHOW_EXTRA='WARNING|loss drop|grad norm'
+source "$(dirname "$0")/stages.sh"
 B="python benchmarks/bench_sft.py --steps 3 --warmup 1 --num_samples 16 --preset qwen2_5_vl_7b"
-show() { grep -Ev '\[transformers\]|Warning|warn' | grep -E "card|tok/s|OOM|rror|WARNING|loss drop|grad norm"; }
 while [ $# -gt 0 ]; do stage=$1; shift; case "$stage" in
 probe) PROBE=train LORA_DROPOUT=0 STEPS=6 LR=1e-5 timeout 200 python benchmarks/probe_lora_compile.py \
          2>&1 | tee "$OUT/r9_probe_train.txt" | show ;;
