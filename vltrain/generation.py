@@ -297,7 +297,14 @@ def _as_batch_of_one(prompt: dict) -> dict:
                 else v) for k, v in prompt.items()}
 
 
+def eos_token_ids(config) -> set[int]:
+    """A GenerationConfig's end-of-sequence ids as a set (its `eos_token_id` is an id, a list of ids or None)."""
+    eos = config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
 # ------------------------------------------------------------------------------------------ entry
+
 def generate(model, processor, conversations: list[Conversation], settings: GenerationSettings, *,
              media: MediaOptions, image_folder: str | None = None, system_prompt: str | None = None,
              batch_size: int = 8, show_progress: bool = True, synced_gpus: bool | None = None) -> list[Generation]:
@@ -360,8 +367,7 @@ def _generate_batches(model, processor, settings: GenerationSettings, batches, *
     synced = resolve_synced_gpus(synced_gpus, model)
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)
-    eos = config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    eos_ids = eos_token_ids(config)
     if config.pad_token_id is None and not eos_ids:
         raise ValueError("generate: neither the model's generation_config nor the tokenizer has a pad or eos token id")
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(eos_ids)
@@ -432,8 +438,7 @@ def stream(model, processor, conversation: Conversation, settings: GenerationSet
         raise ValueError(f"stream: sample {conversation.sample_id!r}: a prompt must not end with an assistant turn")
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)
-    eos = config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    eos_ids = eos_token_ids(config)
     prompt = process_conversation(conversation, processor, media, image_folder=image_folder,
                                   system_prompt=system_prompt, add_generation_prompt=True)
     vision = next(get_module(model, family_spec(model).vision_module).parameters())
