@@ -9,8 +9,8 @@ compile_layers now emulates eager's casts. RESULTS.md round 9.)
 
 A tiny model in bf16 on CUDA, the vision tests' mixed SFT batch (padded), LoRA r8 (no dropout, B drawn at random
 so that every adapter weight gets a gradient), one forward + backward per kernel list; prints the relative L2
-error of every LoRA gradient against the eager run with the same kernels (the worst and the median), the total gradient norms, and the same for full fine-tuning;
-with and without gradient checkpointing.
+error of every LoRA gradient against the eager run with the same kernels (the worst and the median), the total
+gradient norms, and the same for full fine-tuning; with and without gradient checkpointing.
 
 PROBE=train: the bench's recipe instead (adapters from peft's default init, B = 0; AdamW), STEPS steps at LR on
 the one batch, and the loss curves of eager (twice, with different dropout seeds: the noise floor), compiled,
@@ -57,16 +57,7 @@ def batch_for(model_type, processor, tmp):
 
 def grads(model, batch, lora: bool, kernels: list[str], gc: bool):
     torch._dynamo.reset()  # every compiled run compiles its own layers (no recompile limit reached)
-    if lora:
-        model = lora_model(model, kernels, gc, b_random=True)
-    else:
-        model = copy.deepcopy(model)
-        if kernels:
-            apply_kernels(model, kernels, strict=False)
-        if gc:
-            from vltrain.models import enable_gradient_checkpointing
-
-            enable_gradient_checkpointing(model)
+    model = prepared(model, kernels, gc, lora=lora, b_random=True)
     torch.manual_seed(0)
     model.train()
     out = model(**batch)
@@ -74,20 +65,22 @@ def grads(model, batch, lora: bool, kernels: list[str], gc: bool):
     return out.loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def lora_model(model, kernels: list[str], gc: bool, b_random: bool):
+def prepared(model, kernels: list[str], gc: bool, lora: bool = True, b_random: bool = False):
+    """A copy of `model` with `kernels`, LoRA r8 (`b_random`: B drawn at random, else peft's zeros) and checkpointing."""
     model = copy.deepcopy(model)
     if kernels:
         apply_kernels(model, kernels, strict=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(0)  # the same adapter init in every run
-    init = "gaussian" if b_random else True
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=DROPOUT, init_lora_weights=init,
-                                             target_modules=family_spec(model).llm_lora_regex()))
-    if b_random:  # B != 0, so that every adapter weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.02)
+    if lora:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(0)  # the same adapter init in every run
+        init = "gaussian" if b_random else True
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=DROPOUT, init_lora_weights=init,
+                                                 target_modules=family_spec(model).llm_lora_regex()))
+        if b_random:  # B != 0, so that every adapter weight gets a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_(0, 0.02)
     if gc:
         from vltrain.models import enable_gradient_checkpointing
 
@@ -103,7 +96,10 @@ def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fused_casts
     numerics = compile_layers.EAGER_NUMERICS
     if fused_casts:
         compile_layers.EAGER_NUMERICS = {}
-    model = lora_model(model, kernels, gc, b_random=False)
+    try:
+        model = prepared(model, kernels, gc)
+    finally:  # the layers are compiled (the options read) in prepared
+        compile_layers.EAGER_NUMERICS = numerics
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     losses = []
@@ -114,7 +110,6 @@ def curve(model, batch, kernels: list[str], gc: bool, seed: int = 0, fused_casts
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    compile_layers.EAGER_NUMERICS = numerics
     return losses
 
 

@@ -304,7 +304,6 @@ def eos_token_ids(config) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------ entry
-
 def generate(model, processor, conversations: list[Conversation], settings: GenerationSettings, *,
              media: MediaOptions, image_folder: str | None = None, system_prompt: str | None = None,
              batch_size: int = 8, show_progress: bool = True, synced_gpus: bool | None = None) -> list[Generation]:
